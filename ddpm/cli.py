@@ -1,0 +1,42 @@
+"""What every ddpm command line shares: one-line errors, a non-zero exit, and ``--debug`` for the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+class CLIError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+# Errors that describe bad input (paths, files, values) rather than bugs: shown as one line.
+USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, OSError, KeyError)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, prog: str = "ddpm") -> int:
+    """Run ``main(argv)``; turn user errors into ``prog: error: <message>`` on stderr and exit status 2.
+
+    Ctrl-C exits with 130. Pass ``--debug`` to let the exception propagate with its traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,83 @@
+"""Frozen dataclass configs that round-trip diffusers' JSON config files.
+
+A config class is a plain ``@dataclass(frozen=True)`` whose field names are the keys of diffusers'
+``config.json`` / ``scheduler_config.json``. Lists in JSON become tuples here so that configs are hashable
+and truly immutable. On save we add ``_class_name`` and ``_diffusers_version``; on load every key that
+starts with ``_`` is metadata and is ignored. Any other unknown key is a ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+# The diffusers version whose file formats we write. Loaders only need the keys, not this number.
+DIFFUSERS_VERSION = "0.42.1"
+
+C = TypeVar("C")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def config_from_dict(cls: type[C], d: Mapping[str, Any], ignore: Iterable[str] = ()) -> C:
+    """Build config ``cls`` from a JSON-style dict.
+
+    Keys starting with ``_`` are metadata and skipped; keys in ``ignore`` are skipped silently (used for
+    documented legacy keys and for swapping one scheduler's config into another). Any other key that is
+    not a field of ``cls`` raises ``ValueError`` naming it.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    skip = set(ignore)
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key.startswith("_") or key in skip:
+            continue
+        if key not in names:
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; known keys: {', '.join(sorted(names))}")
+        kwargs[key] = _freeze(value)
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any, class_name: str) -> dict[str, Any]:
+    """The diffusers-style JSON dict of a config: metadata keys first, then fields in declaration order."""
+    out: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION}
+    for f in dataclasses.fields(config):
+        out[f.name] = _thaw(getattr(config, f.name))
+    return out
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{os.fspath(path)} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise a ValueError naming ``key`` when ``value`` is not one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
