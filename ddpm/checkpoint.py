@@ -75,8 +75,8 @@ def _hub_download(repo_id: str, filename: str, subfolder: str | None, required: 
         raise OSError(f"{repo_id!r} is neither a local folder nor a Hugging Face Hub repo you can access") from None
     except Exception as e:  # connection errors, offline mode, timeouts: all mean "could not reach"
         raise OSError(
-            f"could not reach the Hugging Face Hub to fetch {repo_id!r} ({type(e).__name__}); "
-            f"pass a local folder path instead, or connect and retry"
+            f"{repo_id!r} is not a local folder, and the Hugging Face Hub could not be reached to fetch it as a "
+            f"repo id ({type(e).__name__}); pass a local folder path instead, or connect and retry"
         ) from None
 
 
