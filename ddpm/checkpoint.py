@@ -63,21 +63,25 @@ def resolve_file(path_or_repo_id: str | os.PathLike[str], filename: str, subfold
 
 def _hub_download(repo_id: str, filename: str, subfolder: str | None, required: bool) -> Path | None:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder))
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable with nothing cached (an EntryNotFoundError too)
+        raise _unreachable(repo_id, "offline") from None
     except EntryNotFoundError:
         if required:
             raise FileNotFoundError(f"hub repo {repo_id!r} has no {subfolder + '/' if subfolder else ''}{filename}") from None
         return None
     except RepositoryNotFoundError:
         raise OSError(f"{repo_id!r} is neither a local folder nor a Hugging Face Hub repo you can access") from None
-    except Exception as e:  # connection errors, offline mode, timeouts: all mean "could not reach"
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and the Hugging Face Hub could not be reached to fetch it as a "
-            f"repo id ({type(e).__name__}); pass a local folder path instead, or connect and retry"
-        ) from None
+    except Exception as e:  # connection errors, timeouts: all mean "could not reach"
+        raise _unreachable(repo_id, type(e).__name__) from None
+
+
+def _unreachable(repo_id: str, why: str) -> OSError:
+    return OSError(f"{repo_id!r} is not a local folder, and the Hugging Face Hub could not be reached to fetch it "
+                   f"as a repo id ({why}); pass a local folder path instead, or connect and retry")
 
 
 def resolve_weights(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = None) -> Path:
