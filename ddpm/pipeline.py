@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint
 from ddpm.config import DIFFUSERS_VERSION, read_json, write_json
 from ddpm.images import numpy_to_pil, to_numpy, to_unit_range
-from ddpm.schedulers import DDIMScheduler, DDPMScheduler
+from ddpm.schedulers import DDIMScheduler, DDPMScheduler, draw_noise
 from ddpm.unet import UNet
 
 Scheduler = DDPMScheduler | DDIMScheduler
@@ -35,23 +35,6 @@ SCHEDULERS: dict[str, type[DDPMScheduler] | type[DDIMScheduler]] = {
 }
 # Pipeline class names whose folders we load: they all hold one unconditional UNet and one scheduler.
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
-
-
-def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise of ``shape``, drawn exactly as diffusers draws it for the same generator(s).
-
-    A list of generators draws sample i from generator i (shape ``(1, *shape[1:])`` each). Noise comes from
-    the generator's own device (a CPU generator gives CPU noise, then moved), so results do not depend on
-    where the model runs.
-    """
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator])
-    else:
-        source = generator.device if generator is not None else device
-        noise = torch.randn(shape, generator=generator, device=source, dtype=dtype)
-    return noise.to(device)
 
 
 class PipelineOutput(NamedTuple):
@@ -107,15 +90,16 @@ class Pipeline:
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}; pass one per sample")
         size = self.unet.config.sample_size
+        if size is None:
+            raise ValueError("unet.config.sample_size is None: the pipeline needs it to know the image size")
         height, width = (size, size) if isinstance(size, int) else size
         shape = (batch_size, self.unet.config.in_channels, height, width)
-        image = randn(shape, generator=generator, device=self.device, dtype=self.dtype)  # x_T ~ N(0, I)
+        image = draw_noise(shape, generator, self.device, self.dtype)  # x_T ~ N(0, I)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        ddim = isinstance(self.scheduler, DDIMScheduler)
         for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
             model_output = self.unet(image, t).sample
-            if ddim:
+            if isinstance(self.scheduler, DDIMScheduler):
                 image = self.scheduler.step(model_output, t, image, eta=eta, generator=generator).prev_sample
             else:
                 image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample

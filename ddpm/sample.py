@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from PIL import Image
+
 from ddpm.cli import CLIError, add_debug_flag, run
 from ddpm.images import make_grid
 from ddpm.pipeline import Pipeline
@@ -55,14 +57,14 @@ def sample(config: SampleConfig) -> Path:
 
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    images = []
+    images: list[Image.Image] = []
     num_batches = math.ceil(config.num_images / config.batch_size)
     for b in range(num_batches):
         first = b * config.batch_size
         count = min(config.batch_size, config.num_images - first)
         generators = [torch.Generator().manual_seed(config.seed + first + i) for i in range(count)]
         pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}", leave=False)
-        batch = pipe(batch_size=count, generator=generators, num_inference_steps=steps, eta=config.eta).images
+        batch = pipe(batch_size=count, generator=generators, num_inference_steps=steps, eta=config.eta)[0]
         for i, image in enumerate(batch):
             image.save(out / f"{first + i:05d}.png")
         images.extend(batch)
