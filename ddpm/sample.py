@@ -63,7 +63,7 @@ def sample(config: SampleConfig) -> Path:
         first = b * config.batch_size
         count = min(config.batch_size, config.num_images - first)
         generators = [torch.Generator().manual_seed(config.seed + first + i) for i in range(count)]
-        pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}", leave=False)
+        pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}")
         batch = pipe(batch_size=count, generator=generators, num_inference_steps=steps, eta=config.eta)[0]
         for i, image in enumerate(batch):
             image.save(out / f"{first + i:05d}.png")

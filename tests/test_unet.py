@@ -17,15 +17,6 @@ TINY: dict[str, Any] = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    # Tiny tensors: OpenMP wake-ups on a loaded machine would cost more than the arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(seed: int = 0, **overrides: Any) -> UNet:
     torch.manual_seed(seed)
     return UNet(**{**TINY, **overrides})

@@ -21,15 +21,6 @@ from ddpm.unet import UNet, UNetConfig
 REL_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    # These tensors are tiny: with 2 OpenMP threads on a loaded 2-core machine, thread wake-ups cost 10-100x the
-    # arithmetic. One thread keeps the file fast; the previous setting is restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 BASE: dict[str, Any] = dict(
     block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, attention_head_dim=4,
     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
