@@ -1,0 +1,388 @@
+"""Sample quality that works offline: Fréchet distance, KID and k-NN precision/recall in a feature space.
+
+Inception weights cannot be downloaded everywhere, so the default feature space is the penultimate layer of a
+small CNN trained for a few seconds to minutes on the dataset's own real images: it classifies the labels when
+the dataset has them, and otherwise predicts which of 0/90/180/270 degrees an image was rotated by
+(a self-supervised proxy, Gidaris et al. 2018), so that any image folder works. It is cached per dataset.
+Numbers from it compare models on the same dataset; they are not comparable with published Inception FIDs.
+For those, pass your own extractor (a TorchScript or ``torch.export`` file, or any Python callable).
+
+    extractor = dataset_extractor(real_images, labels, cache_dir="out")
+    evaluate_images(generated, real_images, extractor)  # {"fid": ..., "kid": ..., "precision": ..., ...}
+
+Every image tensor here is ``[N x C x H x W]`` in ``[-1, 1]``; features are ``[N x D]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.checkpoint import load_weights, save_weights
+from ddpm.config import config_from_dict, read_json, write_json
+
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+Features = torch.Tensor | np.ndarray
+
+# Bumped whenever the network or its training recipe changes, so that old caches are not reused.
+RECIPE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Statistics of two feature sets
+# --------------------------------------------------------------------------------------------------------------
+
+def _as_features(name: str, features: Features, min_rows: int = 2) -> torch.Tensor:
+    f = torch.as_tensor(features).detach().cpu().to(torch.float64)
+    if f.ndim != 2:
+        raise ValueError(f"{name} must be an [N x D] feature matrix, got shape {tuple(f.shape)}")
+    if f.shape[0] < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows, got {f.shape[0]}")
+    if not torch.isfinite(f).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return f
+
+
+def mean_and_covariance(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N x D]`` -> the mean ``[D]`` and the unbiased covariance ``[D x D]``, both float64."""
+    f = _as_features("features", features)
+    mu = f.mean(0)
+    x = f - mu
+    return mu, x.T @ x / (f.shape[0] - 1)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    # Symmetric square root through the eigendecomposition; round-off negative eigenvalues are clamped to 0.
+    w, v = torch.linalg.eigh(matrix)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance_from_stats(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """Squared Fréchet distance between the Gaussians N(mu1, cov1) and N(mu2, cov2) (float64 inside)."""
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, cov1, cov2))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.shape[0], mu1.shape[0]):
+        raise ValueError(f"mismatched statistics: mu1 {tuple(mu1.shape)}, cov1 {tuple(cov1.shape)}, "
+                         f"mu2 {tuple(mu2.shape)}, cov2 {tuple(cov2.shape)}")
+    # FID, Heusel et al. 2017: d^2 = |mu1 - mu2|^2 + tr(C1) + tr(C2) - 2 tr((C1 C2)^(1/2)).
+    # C1 C2 is not symmetric, but it is similar to S C2 S with S = C1^(1/2), which is symmetric PSD. So
+    # tr((C1 C2)^(1/2)) is the sum of the square roots of the eigenvalues of S C2 S: no complex sqrtm needed.
+    s1 = _psd_sqrt(cov1)
+    middle = s1 @ cov2 @ s1
+    middle = (middle + middle.T) / 2  # symmetric up to round-off; make it exactly so for eigvalsh
+    tr_sqrt = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * tr_sqrt)
+
+
+def frechet_distance(features_a: Features, features_b: Features) -> float:
+    """Fréchet distance between Gaussians fitted to two ``[N x D]`` feature sets (FID when D is Inception's)."""
+    return frechet_distance_from_stats(*mean_and_covariance(features_a), *mean_and_covariance(features_b))
+
+
+def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # The KID kernel of Bińkowski et al. 2018: k(x, y) = (x.y / d + 1)^3, for (..., m, d) batches of rows.
+    return (x @ y.mT / x.shape[-1] + 1) ** 3
+
+
+def kernel_inception_distance(features_a: Features, features_b: Features, num_subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): the unbiased MMD^2 with a cubic polynomial kernel, averaged over random
+    subsets of ``min(subset_size, N_a, N_b)`` rows. Returns ``(mean, std)`` over the subsets (std 0 when the
+    subsets are the whole sets); ~0, possibly slightly negative, when both sets come from one distribution.
+    """
+    a, b = _as_features("features_a", features_a), _as_features("features_b", features_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"features_a has {a.shape[1]} dimensions but features_b has {b.shape[1]}")
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets must be at least 1, got {num_subsets}")
+    m = min(subset_size, a.shape[0], b.shape[0])
+    if m < 2:
+        raise ValueError(f"subset_size must be at least 2, got {subset_size}")
+    if m == a.shape[0] == b.shape[0]:
+        num_subsets = 1  # every "subset" would be both whole sets again
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for _ in range(num_subsets):
+        picks.append((torch.randperm(a.shape[0], generator=generator)[:m],
+                      torch.randperm(b.shape[0], generator=generator)[:m]))
+    estimates = []
+    group = max(1, 2**23 // (m * m))  # subsets per batched kernel: about 64 MB of float64 per kernel matrix
+    for start in range(0, num_subsets, group):
+        x = torch.stack([a[i] for i, _ in picks[start:start + group]])  # (G, m, D)
+        y = torch.stack([b[j] for _, j in picks[start:start + group]])  # (G, m, D)
+        kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)  # (G, m, m)
+        # Unbiased MMD^2 (Gretton et al. 2012): within-set means leave out the diagonal k(x_i, x_i).
+        diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
+        within = (kxx.sum((1, 2)) + kyy.sum((1, 2)) - diagonals) / (m * (m - 1))
+        estimates.append(within - 2 * kxy.mean((1, 2)))
+    values = torch.cat(estimates)
+    return float(values.mean()), float(values.std()) if num_subsets > 1 else 0.0
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    radii = []
+    for rows in features.split(chunk):
+        d = torch.cdist(rows, features, compute_mode="donot_use_mm_for_euclid_dist")
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # k + 1: each point is its own nearest neighbour
+    return torch.cat(radii)
+
+
+def _fraction_inside(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    inside = []
+    for rows in queries.split(chunk):
+        d = torch.cdist(rows, centres, compute_mode="donot_use_mm_for_euclid_dist")
+        inside.append((d <= radii[None]).any(dim=1))
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: Features, generated: Features, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``[N x D]`` feature sets.
+
+    Each set's manifold is the union of balls around its points, each reaching to that point's k-th nearest
+    neighbour in its own set. Precision is the fraction of generated points inside the real manifold (are the
+    samples realistic?); recall is the fraction of real points inside the generated manifold (is the variety
+    covered?). Both lie in ``[0, 1]``; identical sets give 1.
+    """
+    r, g = _as_features("real", real, min_rows=k + 1), _as_features("generated", generated, min_rows=k + 1)
+    if r.shape[1] != g.shape[1]:
+        raise ValueError(f"real features have {r.shape[1]} dimensions but generated have {g.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    precision = _fraction_inside(g, r, _kth_neighbour_radii(r, k, chunk), chunk)
+    recall = _fraction_inside(r, g, _kth_neighbour_radii(g, k, chunk), chunk)
+    return precision, recall
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Features of images, and all metrics at once
+# --------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compute_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Run ``extractor`` over ``[N x C x H x W]`` images in ``[-1, 1]`` in batches -> float64 ``[N x D]`` on CPU.
+
+    An ``nn.Module`` extractor should be in eval mode (``load_extractor`` and ``dataset_extractor`` return it so).
+    """
+    device = images.device
+    if isinstance(extractor, nn.Module):  # batches go where its weights are; its train/eval mode is its own
+        device = next(extractor.parameters(), torch.empty(0, device=device)).device
+    outputs = []
+    for batch in images.split(batch_size):
+        try:
+            out = extractor(batch.to(device))
+        except RuntimeError as e:  # e.g. a 3-channel Inception given grayscale images
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"feature_extractor failed on images of shape {tuple(batch.shape)}: {first}") from e
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"feature_extractor must map [N x C x H x W] images to [N x D] features; "
+                             f"got {shape} for a batch of shape {tuple(batch.shape)}")
+        outputs.append(out.detach().to("cpu", torch.float64))
+    return torch.cat(outputs)
+
+
+def evaluate_images(generated: torch.Tensor, reference: torch.Tensor, extractor: FeatureExtractor, k: int = 3,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, batch_size: int = 256,
+                    seed: int = 0) -> dict[str, float]:
+    """Compare generated images with real ones, both ``[N x C x H x W]`` in ``[-1, 1]``, in the extractor's space.
+
+    Returns ``fid`` (Fréchet distance; 0 is best), ``kid`` and ``kid_std`` (0 is best), ``precision`` and
+    ``recall`` (k-NN, 1 is best).
+    """
+    if generated.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"generated images have shape {tuple(generated.shape[1:])} but the reference images "
+                         f"have {tuple(reference.shape[1:])}; evaluate at the model's resolution and channels")
+    fake = compute_features(extractor, generated, batch_size)
+    real = compute_features(extractor, reference, batch_size)
+    return feature_metrics(real, fake, k, kid_subsets, kid_subset_size, seed)
+
+
+def feature_metrics(real: Features, generated: Features, k: int = 3, kid_subsets: int = 100,
+                    kid_subset_size: int = 1000, seed: int = 0) -> dict[str, float]:
+    """``evaluate_images`` on features already computed (``[N x D]`` each), e.g. real ones computed once."""
+    kid, kid_std = kernel_inception_distance(real, generated, kid_subsets, kid_subset_size, seed)
+    precision, recall = precision_recall(real, generated, k)
+    return {"fid": frechet_distance(real, generated), "kid": kid, "kid_std": kid_std,
+            "precision": precision, "recall": recall}
+
+
+def load_extractor(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> FeatureExtractor:
+    """Load a user-supplied feature extractor: a ``torch.export`` program (``.pt2``) or else a TorchScript file.
+
+    It must map ``[N x C x H x W]`` images in ``[-1, 1]`` to ``[N x D]`` features; resizing and normalising for
+    its own network (e.g. 299x299 for Inception) is its job.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature extractor file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".pt2":
+            return torch.export.load(path).module().to(device)
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated, but that is what people have
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"feature extractor {str(path)!r} is not a TorchScript or torch.export file: {first}") from e
+    module.eval()
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The default extractor: a small CNN trained on the dataset's real images, cached per dataset
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorConfig:
+    in_channels: int
+    resolution: int
+    num_outputs: int                         # classes, or 4 rotations
+    task: Literal["classes", "rotation"]
+    feature_dim: int = 64                    # D of the feature space
+    width: int = 32                          # channels of the first conv; doubled per downsampling, up to 4x
+
+
+class FeatureNet(nn.Module):
+    """A small CNN: ``[N x C x H x W]`` in ``[-1, 1]`` -> ``[N x feature_dim]`` features (``forward``), or the
+    logits of its training task (``logits``). GroupNorm keeps each image's features independent of its batch."""
+
+    def __init__(self, config: ExtractorConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch, size = config.width, config.resolution
+        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, ch, 3, padding=1), nn.GroupNorm(8, ch), nn.SiLU()]
+        while size > 4:  # halve until about 4x4: 8 -> 4, 28 -> 14 -> 7 -> 4, 64 -> ... -> 4
+            out = min(2 * ch, 4 * config.width)
+            layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
+            ch, size = out, (size + 1) // 2
+        layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.GroupNorm(8, ch), nn.SiLU(), nn.AdaptiveAvgPool2d(4)]
+        self.body = nn.Sequential(*layers)
+        self.features = nn.Linear(ch * 16, config.feature_dim)
+        self.head = nn.Linear(config.feature_dim, config.num_outputs)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(self.body(images).flatten(1))  # (N, D), taken before the final non-linearity
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.silu(self(images)))  # (N, num_outputs)
+
+
+def _rotate(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
+    # Image i turned by quarter_turns[i] * 90 degrees: all four turns, then pick one per image.
+    turns = torch.stack([torch.rot90(images, r, dims=(2, 3)) for r in range(4)], dim=1)  # (N, 4, C, H, W)
+    return turns[torch.arange(images.shape[0]), quarter_turns]
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[0] < 2 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"images must be a square [N x C x H x W] batch with N >= 2, got shape {tuple(images.shape)}")
+
+
+def train_extractor(images: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 1000,
+                    batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
+                    device: torch.device | str = "cpu") -> FeatureNet:
+    """Train a ``FeatureNet`` on real images ``[N x C x H x W]`` in ``[-1, 1]``: classification of ``labels``
+    (``[N]`` integers) when given, else rotation prediction. Deterministic for a given seed and thread count;
+    the global RNG is left untouched.
+    """
+    _check_images(images)
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    if labels is not None:
+        classes, targets = torch.unique(labels.cpu(), return_inverse=True)
+        config = ExtractorConfig(images.shape[1], images.shape[2], len(classes), "classes")
+    else:
+        targets = torch.zeros(images.shape[0], dtype=torch.long)
+        config = ExtractorConfig(images.shape[1], images.shape[2], 4, "rotation")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FeatureNet(config).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
+    net.train()
+    for _ in range(steps):
+        index = torch.randint(images.shape[0], (batch_size,), generator=generator)
+        x, y = images[index].to(device), targets[index]
+        if config.task == "rotation":
+            y = torch.randint(4, (batch_size,), generator=generator)
+            x = _rotate(x, y.to(device))
+        loss = F.cross_entropy(net.logits(x).float(), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def task_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> float:
+    """Accuracy of ``net`` on its own task (classes of ``labels``, or rotations) on images ``[N x C x H x W]``."""
+    device = next(net.parameters()).device
+    if net.config.task == "rotation":
+        targets = torch.randint(4, (images.shape[0],), generator=torch.Generator().manual_seed(seed))
+        images = _rotate(images, targets)
+    else:
+        if labels is None:
+            raise ValueError("labels are required to measure a classifier's accuracy")
+        targets = torch.unique(labels.cpu(), return_inverse=True)[1]
+    hits = [(net.logits(x.to(device)).argmax(1).cpu() == t) for x, t in zip(images.split(512), targets.split(512))]
+    return float(torch.cat(hits).double().mean())
+
+
+def dataset_key(images: torch.Tensor, labels: torch.Tensor | None, recipe: Mapping[str, object]) -> str:
+    """A short hash naming a dataset (its pixels at 8 bits, shape and labels) and the training recipe."""
+    h = hashlib.sha256(json.dumps({**recipe, "shape": list(images.shape), "version": RECIPE_VERSION},
+                                  sort_keys=True).encode())
+    h.update(((images.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes())
+    if labels is not None:
+        h.update(labels.detach().cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_dir: str | os.PathLike[str],
+                      description: str = "", steps: int = 1000, seed: int = 0,
+                      device: torch.device | str = "cpu",
+                      log: Callable[[str], object] | None = print) -> FeatureNet:
+    """The default feature extractor for a dataset: trained by ``train_extractor`` on ``images``/``labels`` the
+    first time, saved as ``<cache_dir>/feature_extractors/<key>.safetensors`` (+ ``.json``), reused afterwards.
+
+    ``key`` hashes the pixels, labels, resolution and recipe, so another dataset or resolution trains anew.
+    """
+    _check_images(images)
+    recipe = {"steps": steps, "seed": seed, "labels": labels is not None}
+    key = dataset_key(images, labels, recipe)
+    folder = Path(cache_dir) / "feature_extractors"
+    weights, card = folder / f"{key}.safetensors", folder / f"{key}.json"
+    if weights.is_file() and card.is_file():
+        info = read_json(card)
+        net = FeatureNet(config_from_dict(ExtractorConfig, info["config"]))
+        net.load_state_dict(load_weights(weights))
+        return net.to(device).eval().requires_grad_(False)
+    if log is not None:
+        task = "classifying its labels" if labels is not None else "predicting rotations"
+        log(f"training the feature extractor on {images.shape[0]} real images ({task}), cached as {weights}")
+    start = time.perf_counter()
+    net = train_extractor(images, labels, steps=steps, seed=seed, device=device)
+    seconds = time.perf_counter() - start
+    folder.mkdir(parents=True, exist_ok=True)
+    # Write under temporary names and rename, so that a crash or a parallel run never leaves half a cache.
+    save_weights({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, f"{weights}.tmp")
+    write_json(f"{card}.tmp", {"config": dataclasses.asdict(net.config), "description": description,
+                               "num_images": images.shape[0], **recipe, "train_seconds": round(seconds, 1),
+                               "train_accuracy": round(task_accuracy(net, images, labels, seed), 4)})
+    os.replace(f"{weights}.tmp", weights)
+    os.replace(f"{card}.tmp", card)
+    return net
+
