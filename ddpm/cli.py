@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+import torch
+
 
 class CLIError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
@@ -13,6 +15,24 @@ class CLIError(Exception):
 
 # Errors that describe bad input (paths, files, values) rather than bugs: shown as one line.
 USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, OSError, KeyError)
+
+
+def pick_device(flag: str | None) -> torch.device:
+    """``--device``, or cuda when available, else cpu. A device that does not exist is a CLIError naming it."""
+    try:
+        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.empty(0, device=device)  # fails now, not mid-run, for an unknown type, index or a missing driver
+    except (RuntimeError, AssertionError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
+        raise CLIError(f"--device {flag}: {str(e).strip().splitlines()[0]}") from None
+    return device
+
+
+def check_sampling_flags(eta: float, seed: int, num_images: int) -> None:
+    """The flags ``ddpm.sample`` and ``ddpm.evaluate`` share; image i is seeded ``seed + i``."""
+    if not 0 <= eta <= 1:  # also refuses NaN
+        raise CLIError(f"--eta {eta} must be between 0 (deterministic DDIM) and 1")
+    if not 0 <= seed <= 2**64 - num_images:  # torch seeds are uint64
+        raise CLIError(f"--seed {seed} must be between 0 and 2**64 - --num_images")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm import data, metrics
-from ddpm.cli import CLIError, add_debug_flag, run
+from ddpm.cli import CLIError, add_debug_flag, check_sampling_flags, pick_device, run
 from ddpm.pipeline import Pipeline
 from ddpm.schedulers import DDIMScheduler, DDPMScheduler
 
@@ -164,6 +164,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Sample, score against real images, append to ``metrics.jsonl`` and tensorboard; returns the JSON record."""
     if config.num_images < 4 or config.batch_size < 1:
         raise CLIError("--num_images must be at least 4 and --batch_size at least 1")
+    check_sampling_flags(config.eta, config.seed, config.num_images)
+    if config.extractor_steps < 1:
+        raise CLIError(f"--extractor_steps {config.extractor_steps} must be at least 1")
+    device = pick_device(config.device)
     pipe = Pipeline.from_pretrained(config.model)
     if config.scheduler is not None:
         cls = DDIMScheduler if config.scheduler == "ddim" else DDPMScheduler
@@ -180,7 +184,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.resolution is not None and config.resolution != size:
         raise CLIError(f"--resolution {config.resolution} does not match the model's sample_size {size}")
     channels = pipe.unet.config.in_channels
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output = Path(config.output_dir if config.output_dir is not None else config.model)
     output.mkdir(parents=True, exist_ok=True)
 

@@ -142,7 +142,10 @@ class Pipeline:
             if index.get("_class_name") not in PIPELINE_CLASSES:
                 raise ValueError(f"{index_path}: _class_name {index.get('_class_name')!r} is not an unconditional "
                                  f"image pipeline ({' or '.join(PIPELINE_CLASSES)})")
-            scheduler_name = index.get("scheduler", [None, None])[1]
+            entry = index.get("scheduler", [None, None])
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ValueError(f"{index_path}: 'scheduler' must be a [library, class name] pair, got {entry!r}")
+            scheduler_name = entry[1]
             # The original google/ddpm-* repos keep both configs at the root next to model_index.json.
             if checkpoint.resolve_file(path_or_repo_id, checkpoint.MODEL_CONFIG_NAME, "unet", required=False) is None:
                 subfolders = (None, None)

@@ -19,7 +19,7 @@ import torch
 
 from PIL import Image
 
-from ddpm.cli import CLIError, add_debug_flag, run
+from ddpm.cli import CLIError, add_debug_flag, check_sampling_flags, pick_device, run
 from ddpm.images import make_grid
 from ddpm.pipeline import Pipeline
 from ddpm.schedulers import DDIMScheduler, DDPMScheduler
@@ -42,6 +42,8 @@ def sample(config: SampleConfig) -> Path:
     """Sample ``config.num_images`` images; write ``grid.png`` and ``00000.png``... into ``config.output``."""
     if config.num_images < 1 or config.batch_size < 1:
         raise CLIError("--num_images and --batch_size must be at least 1")
+    check_sampling_flags(config.eta, config.seed, config.num_images)
+    device = pick_device(config.device)
     pipe = Pipeline.from_pretrained(config.model)
     if config.scheduler is not None:
         cls = DDIMScheduler if config.scheduler == "ddim" else DDPMScheduler
@@ -52,7 +54,6 @@ def sample(config: SampleConfig) -> Path:
     if not 1 <= steps <= pipe.scheduler.num_train_timesteps:
         raise CLIError(f"--num_inference_steps {steps} must be between 1 and the model's "
                        f"num_train_timesteps ({pipe.scheduler.num_train_timesteps})")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.to(device)
 
     out = Path(config.output)
