@@ -1,0 +1,199 @@
+"""Crash safety (issue 7): SIGKILL at random moments, including during a checkpoint save, then resume from
+"latest" each time: the final weights are bitwise those of an uninterrupted run. SIGTERM and Ctrl-C checkpoint
+and stop cleanly. Checkpoint folders are complete or ignored, and pruning keeps the newest complete one."""
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpm.training import checkpoints
+from ddpm.training.signals import StopRequest
+
+TINY_UNET = {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1,
+             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        Image.fromarray((rng.random((12, 10, 3)) * 255).astype("uint8")).save(images / f"{i:02d}.png")
+    (root / "tiny.json").write_text(json.dumps(TINY_UNET))
+    flags = ["--train_data_dir", images, "--model_config_name_or_path", root / "tiny.json", "--resolution", 8,
+             "--train_batch_size", 4, "--max_train_steps", STEPS, "--use_ema", "--random_flip", "--seed", 7,
+             "--ddpm_num_steps", 50, "--ddpm_num_inference_steps", 2, "--eval_batch_size", 1,
+             "--save_images_epochs", 100, "--save_model_epochs", 100, "--lr_warmup_steps", 3,
+             "--learning_rate", 1e-3, "--cache_dir", root / "cache"]
+    env = {**os.environ, "HF_HOME": str(root / "hf-home"), "OMP_NUM_THREADS": "1"}  # 1 thread: no oversubscription
+    command = [sys.executable, "-m", "ddpm.train", *map(str, flags)]
+    straight = root / "straight"
+    r = subprocess.run([*command, "--output_dir", str(straight), "--checkpointing_steps", "2"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return {"command": command, "env": env, "straight": straight, "root": root}
+
+
+def final_weights(output_dir):
+    """The saved pipeline's UNet (EMA weights) and the step-12 checkpoint's raw model, if there is one."""
+    out = {"pipeline": load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")}
+    if (output_dir / f"checkpoint-{STEPS}").is_dir():
+        out["model"] = load_file(output_dir / f"checkpoint-{STEPS}" / "model.safetensors")
+        out["ema"] = load_file(output_dir / f"checkpoint-{STEPS}" / "ema.safetensors")
+    return out
+
+
+def assert_bitwise_equal(a, b):
+    for name in a.keys() & b.keys():
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+def wait_until(condition, process, timeout=240.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.002)
+    raise AssertionError("timed out waiting for the training process")
+
+
+def crash_repeatedly(command, env, out, rng):
+    """Run ``command`` and SIGKILL it at the planned moments; return (moment, exit code, .tmp folders left)."""
+    log = []
+    # Kill moments: while a checkpoint is being written; just after a new checkpoint; at a random time from start.
+    for moment in ["during_save", "after_checkpoint", "anytime", "during_save"]:
+        before = {p.name for _, p in checkpoints.complete_checkpoints(out)}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if moment == "during_save":
+            wait_until(lambda: any(out.glob(".tmp-checkpoint-*")), process)
+        elif moment == "after_checkpoint":
+            wait_until(lambda: {p.name for _, p in checkpoints.complete_checkpoints(out)} - before, process)
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:
+            time.sleep(rng.uniform(0.5, 4.0))
+        process.kill()  # SIGKILL: no handler, no cleanup
+        _, stderr = process.communicate(timeout=60)
+        assert "Traceback" not in stderr, stderr
+        log.append((moment, process.returncode, sorted(p.name for p in out.glob(".tmp-checkpoint-*"))))
+    return log
+
+
+def test_sigkill_at_random_moments_then_resume_latest_is_bitwise_equal(setup, tmp_path):
+    out = tmp_path / "crashy"
+    command = [*setup["command"], "--output_dir", str(out), "--checkpointing_steps", "2",
+               "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"]
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    for _ in range(3):  # a fast machine may finish the run between two kills: then start over
+        shutil.rmtree(out, ignore_errors=True)
+        log = crash_repeatedly(command, setup["env"], out, rng)
+        kills = [(moment, tmp) for moment, code, tmp in log if code == -signal.SIGKILL]
+        if len(kills) >= 3 and any(moment == "during_save" and tmp for moment, tmp in kills):
+            break
+    else:
+        pytest.fail(f"could not kill the run 3 times incl. during a save (seed {seed}): {log}")
+
+    r = subprocess.run(command, env=setup["env"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(out.glob(".tmp-*"))
+    assert len(checkpoints.complete_checkpoints(out)) <= 2
+    assert_bitwise_equal(final_weights(setup["straight"]), final_weights(out))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_exactly(setup, tmp_path):
+    out = tmp_path / "term"
+    command = [*setup["command"], "--output_dir", str(out), "--checkpointing_steps", "1000"]
+    process = subprocess.Popen(command, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True)
+    reader.start()
+    wait_until(lambda: any("first batch" in line for line in lines), process)  # training has started
+    process.send_signal(signal.SIGTERM)
+    stdout = process.stdout.read()
+    process.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    if process.returncode == 0:
+        pytest.fail(f"training finished before SIGTERM arrived; stderr: {stderr[-2000:]}")
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    saved = checkpoints.complete_checkpoints(out)
+    assert len(saved) == 1
+    step = saved[0][0]
+    assert 0 < step < STEPS
+    assert f"stopped by SIGTERM at step {step}" in stdout and "--resume_from_checkpoint latest" in stdout
+
+    r = subprocess.run([*command, "--resume_from_checkpoint", "latest"], env=setup["env"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in r.stdout
+    assert_bitwise_equal(final_weights(setup["straight"]), final_weights(out))
+
+
+def test_ctrl_c_and_sigterm_only_set_the_stop_flag():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signal_name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher's follow-up SIGTERM is ignored while stopping
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+
+
+def make_checkpoint(root, step, complete=True):
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        (path / checkpoints.MARKER).write_text("")
+    return path
+
+
+def test_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path, caplog):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 12, complete=False)
+    (tmp_path / "checkpoint-x").mkdir()  # not a step number: ignored
+    with caplog.at_level(logging.WARNING, logger="ddpm.training.checkpoints"):
+        assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert "checkpoint-12" in caplog.text and "incomplete" in caplog.text
+    assert checkpoints.resolve_resume(str(tmp_path), "checkpoint-2") == tmp_path / "checkpoint-2"
+    with pytest.raises(checkpoints.CheckpointError, match="checkpoint-12 is incomplete"):
+        checkpoints.resolve_resume(str(tmp_path), "checkpoint-12")
+    with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint.*checkpoint-2, checkpoint-10"):
+        checkpoints.resolve_resume(str(tmp_path), "checkpoint-7")
+    assert checkpoints.resolve_resume(str(tmp_path / "empty"), "latest") is None
+
+
+def test_pruning_never_deletes_the_newest_complete_checkpoint(tmp_path):
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 8, complete=False)
+    removed = checkpoints.prune_checkpoints(str(tmp_path), 1)
+    assert [p.name for p in removed] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for _, p in checkpoints.checkpoint_folders(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
+    assert checkpoints.prune_checkpoints(str(tmp_path), 1) == []
+    assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"

@@ -1,0 +1,414 @@
+"""``python -m ddpm.train`` and ``ddpm.training``: end to end on a generated image folder with a tiny UNet, resume,
+multi-process, mixed precision, the loss maths, the LR schedules and the one-line errors."""
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpm.training import TrainConfig, parse_args, train
+from ddpm.training import loop as loop_module
+from ddpm.training import outputs
+from ddpm.training.args import EMBEDDED_DEFAULTS, SMALL_UNET_CONFIG
+from ddpm.training.loss import diffusion_loss, loss_weights, training_target
+from ddpm.training.lr import get_scheduler as our_get_scheduler
+
+TINY_UNET = {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1,
+             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Several training processes share 2 cores in CI: one torch thread each avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """24 random RGB images of 20x18 (non-square: random crops matter), one corrupt file, a tiny UNet config."""
+    root = tmp_path_factory.mktemp("train")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray((rng.random((20, 18, 3)) * 255).astype("uint8")).save(images / f"{i:02d}.png")
+    corrupt = root / "with_corrupt"
+    corrupt.mkdir()
+    for p in images.iterdir():
+        (corrupt / p.name).write_bytes(p.read_bytes())
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY_UNET))
+    return {"root": root, "images": images, "corrupt": corrupt, "config": config}
+
+
+def tiny_flags(files):
+    return ["--model_config_name_or_path", files["config"], "--resolution", 16, "--train_batch_size", 4,
+            "--ddpm_num_steps", 50, "--ddpm_num_inference_steps", 2, "--eval_batch_size", 2, "--seed", 0]
+
+
+def tiny_config(files, output_dir, **overrides):
+    base = dict(train_data_dir=str(files["images"]), model_config_name_or_path=str(files["config"]), resolution=16,
+                train_batch_size=4, ddpm_num_steps=50, ddpm_num_inference_steps=2, eval_batch_size=2, seed=0,
+                output_dir=str(output_dir), save_images_epochs=100, save_model_epochs=100, lr_warmup_steps=2,
+                cache_dir=str(files["root"] / "hf-cache"))
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def run_cli(*args, launcher=(sys.executable, "-m", "ddpm.train"), env=None, cwd=None, timeout=240):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd)
+
+
+def no_accelerate_config(tmp_path):
+    """An empty HF_HOME: no accelerate config file exists, as on a fresh machine."""
+    home = tmp_path / "hf-home"
+    home.mkdir(exist_ok=True)
+    return {"HF_HOME": str(home)}
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_cli(files, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--train_data_dir", files["corrupt"], *tiny_flags(files), "--output_dir", out, "--num_epochs", 2,
+                "--use_ema", "--checkpointing_steps", 4, "--checkpoints_total_limit", 2, "--save_images_epochs", 1,
+                "--lr_warmup_steps", 2, env=no_accelerate_config(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "broken.png" in r.stderr  # the corrupt image is named and skipped
+    assert "12/12" in r.stderr  # tqdm: 24 images / 4 = 6 steps per epoch, 2 epochs
+
+    for name in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json"]:
+        assert (out / name).is_file(), name
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-12", "checkpoint-8"]  # 4 was pruned by --checkpoints_total_limit 2
+    assert all((out / c / "COMPLETE").is_file() for c in checkpoints)
+    assert not list(out.glob(".tmp-*"))
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert grids == ["epoch_0000.png", "epoch_0001.png"]
+    assert Image.open(out / "samples" / "epoch_0001.png").size == (32, 16)  # 2 images of 16x16 side by side
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12 and state["epoch"] == 1 and state["ema_optimization_step"] == 12
+
+    # The pipeline holds the EMA weights, not the raw ones.
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(out / "checkpoint-12" / "ema.safetensors")
+    raw = load_file(out / "checkpoint-12" / "model.safetensors")
+    assert all(torch.equal(saved[k], ema[k]) for k in ema)
+    assert any(not torch.equal(saved[k], raw[k]) for k in raw)
+
+    # diffusers loads and runs it.
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert type(pipe.unet).__name__ == "UNet2DModel" and pipe.unet.config.sample_size == 16
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+    # The tensorboard log records loss, lr and the EMA decay per optimiser step, and the sample grids.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "train_unconditional"))
+    events.Reload()
+    assert {"loss", "lr", "ema_decay"} <= set(events.Tags()["scalars"])
+    decay = {e.step: e.value for e in events.Scalars("ema_decay")}
+    assert decay[1] == 0.0 and decay[2] == pytest.approx(1 - 2 ** -0.75) and len(decay) == 12
+    lr = {e.step: e.value for e in events.Scalars("lr")}
+    assert lr[1] == pytest.approx(0.5e-4)  # cosine with 2 warmup steps: after one step, half of 1e-4
+    assert "test_samples" in events.Tags()["images"]
+
+
+def test_resume_latest_is_bitwise_equal_to_a_straight_run(files, tmp_path):
+    # Gradient accumulation 2 and random crops + flips; the resume lands mid-epoch (step 4 of 3 per epoch).
+    kwargs = dict(use_ema=True, checkpointing_steps=4, gradient_accumulation_steps=2, random_flip=True,
+                  lr_scheduler="constant_with_warmup", learning_rate=1e-3)
+    straight = train(tiny_config(files, tmp_path / "a", max_train_steps=8, **kwargs))
+    half = train(tiny_config(files, tmp_path / "b", max_train_steps=4, **kwargs))
+    resumed = train(tiny_config(files, tmp_path / "b", max_train_steps=8, resume_from_checkpoint="latest", **kwargs))
+    assert (straight.global_step, half.global_step, resumed.global_step) == (8, 4, 8)
+    for name in ["model.safetensors", "ema.safetensors"]:
+        a, b = load_file(tmp_path / "a" / "checkpoint-8" / name), load_file(tmp_path / "b" / "checkpoint-8" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    first = load_file(tmp_path / "b" / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(first[k], a[k]) for k in a)  # it really trained after resuming
+
+
+def test_bundled_dataset_run_with_laptop_defaults(tmp_path, capsys):
+    config = parse_args(["--output_dir", str(tmp_path / "fm"), "--max_train_steps", "2", "--train_batch_size", "8",
+                         "--resolution", "16", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2"])
+    assert config.uses_embedded_data and config.learning_rate == EMBEDDED_DEFAULTS["learning_rate"]
+    result = train(config)
+    assert result.global_step == 2
+    assert "bundled Fashion-MNIST" in capsys.readouterr().out  # the hint that the full defaults want a GPU
+    unet_config = json.loads((tmp_path / "fm" / "unet" / "config.json").read_text())
+    assert unet_config["in_channels"] == 1 and unet_config["block_out_channels"] == [16, 32, 64]
+    grid = Image.open(tmp_path / "fm" / "samples" / "epoch_0000.png")
+    assert grid.mode == "L" and grid.size == (32, 16)
+
+
+def test_notebook_launcher_runs_train(files, tmp_path):
+    from accelerate import notebook_launcher
+
+    config = tiny_config(files, tmp_path / "nb", max_train_steps=2, save_model_epochs=1)
+    notebook_launcher(train, (config,), num_processes=1)
+    assert (tmp_path / "nb" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_two_processes_on_cpu_share_the_work(files, tmp_path):
+    out = tmp_path / "mp"
+    with socket.socket() as probe:  # a free port for the gloo rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(port), "-m", "ddpm.train")
+    r = run_cli("--train_data_dir", files["images"], *tiny_flags(files), "--output_dir", out, "--num_epochs", 1,
+                "--use_ema", "--checkpointing_steps", 3, launcher=launcher,
+                env=no_accelerate_config(tmp_path), timeout=400)
+    assert r.returncode == 0, "\n".join(line for line in r.stderr.splitlines() if "it/s]" not in line)[-3000:]
+    assert "Traceback" not in r.stderr
+    rows = {int(m.group(1)): set(json.loads(m.group(2)))
+            for m in re.finditer(r"process (\d)/2: first batch of epoch 0 holds rows (\[[\d, ]*\])", r.stderr)}
+    assert rows.keys() == {0, 1} and not rows[0] & rows[1]  # different shards
+    assert "batches per epoch per process = 3" in r.stdout  # 24 images / (4 x 2 processes)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    ckpt = out / "checkpoint-3"
+    assert (ckpt / "COMPLETE").is_file()
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert len(list(out.glob("checkpoint-*"))) == 1 and len(list((out / "samples").glob("*.png"))) == 1
+
+
+def test_bf16_on_cpu_trains(files, tmp_path, monkeypatch):
+    seen = []
+    real_loss, real_from_config = loop_module.diffusion_loss, loop_module.UNet.from_config
+
+    def from_config(config):
+        model = real_from_config(config)
+        model.conv_in.register_forward_hook(lambda module, args, out: seen.append(("conv", out.dtype)))
+        return model
+
+    def loss(*args, **kwargs):
+        value = real_loss(*args, **kwargs)
+        seen.append(("loss", value.dtype))
+        return value
+
+    monkeypatch.setattr(loop_module.UNet, "from_config", from_config)
+    monkeypatch.setattr(loop_module, "diffusion_loss", loss)
+    result = train(tiny_config(files, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16",
+                               checkpointing_steps=2))
+    assert result.global_step == 2
+    # The UNet ran under bf16 autocast; the loss is float32; the weights stay float32.
+    assert seen == [("conv", torch.bfloat16), ("loss", torch.float32)] * 2
+    weights = load_file(tmp_path / "bf16" / "checkpoint-2" / "model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_non_finite_loss_stops_with_the_step_or_is_skipped(files, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = loop_module.diffusion_loss
+
+    def nan_on_third_call(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", nan_on_third_call)
+    with pytest.raises(loop_module.NonFiniteLossError, match=r"at step 3: .*checkpoint-2.*learning_rate") as info:
+        train(tiny_config(files, tmp_path / "nan", max_train_steps=5, checkpointing_steps=1))
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    calls["n"] = 0
+    result = train(tiny_config(files, tmp_path / "skip", max_train_steps=5, checkpointing_steps=5, max_nan_skips=1))
+    assert result.global_step == 5
+    state = json.loads((tmp_path / "skip" / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["nan_skips"] == 1
+
+
+def test_push_to_hub_creates_a_private_repo(files, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class Repo:
+        repo_id = "me/tiny"
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def repo_info(self, repo_id):
+            calls.append(("repo_info", repo_id))
+            return type("Info", (), {"private": True})()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw)) or Repo())
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    train(tiny_config(files, tmp_path / "tiny", max_train_steps=2, push_to_hub=True, hub_private_repo=True,
+                      save_model_epochs=1))
+    create = [c for c in calls if c[0] == "create"]
+    assert create == [("create", "tiny", {"exist_ok": True, "private": True, "token": None})]
+    uploads = [c[1] for c in calls if c[0] == "upload"]
+    assert uploads and uploads[0]["repo_id"] == "me/tiny" and uploads[0]["folder_path"] == str(tmp_path / "tiny")
+    assert "checkpoint-*" in uploads[0]["ignore_patterns"]
+
+
+def test_output_dir_of_another_run_is_refused_unless_overwritten(files, tmp_path):
+    out = tmp_path / "taken"
+    (out / "unet").mkdir(parents=True)
+    (out / "model_index.json").write_text("{}")
+    (out / "unet" / "config.json").write_text(json.dumps({**TINY_UNET, "block_out_channels": [8, 8]}))
+    config = tiny_config(files, out)
+    unet_config = outputs.model_config(config)
+    with pytest.raises(ValueError, match="different model config.*block_out_channels.*--overwrite_output_dir"):
+        outputs.check_output_dir(config, unet_config, resuming=False)
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "COMPLETE").write_text("")
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint latest"):
+        outputs.check_output_dir(config, unet_config, resuming=False)
+    outputs.check_output_dir(tiny_config(files, out, overwrite_output_dir=True), unet_config, resuming=False)
+    assert not (out / "checkpoint-3").exists() and not (out / "unet").exists()
+
+
+# ---- flags ----------------------------------------------------------------------------------------------------
+
+
+def test_flags_keep_the_script_defaults_and_the_embedded_profile_fills_unset_ones():
+    script = parse_args(["--train_data_dir", "x"])
+    assert (script.resolution, script.output_dir, script.train_batch_size, script.num_epochs) == (64, "ddpm-model-64", 16, 100)
+    assert (script.learning_rate, script.lr_scheduler, script.lr_warmup_steps, script.adam_beta1) == (1e-4, "cosine", 500, 0.95)
+    assert (script.ema_power, script.ema_max_decay, script.use_ema, script.checkpointing_steps) == (0.75, 0.9999, False, 500)
+    assert script.model_config_name_or_path is None and script.ddpm_num_inference_steps == 1000
+    laptop = parse_args([])
+    assert laptop.resolution == EMBEDDED_DEFAULTS["resolution"] and laptop.uses_embedded_data
+    assert laptop.model_config_name_or_path == str(SMALL_UNET_CONFIG) and SMALL_UNET_CONFIG.is_file()
+    mixed = parse_args(["--resolution", "16", "--num_epochs", "1", "--use_ema"])
+    assert (mixed.resolution, mixed.num_epochs, mixed.use_ema) == (16, 1, True)
+    assert mixed.train_batch_size == EMBEDDED_DEFAULTS["train_batch_size"]
+    assert parse_args(["--dataset_name", "a/b", "--local_rank", "3"]).local_rank == 3
+    accepted = parse_args(["--train_data_dir", "x", "--enable_xformers_memory_efficient_attention",
+                           "--preserve_input_precision", "--prediction_type", "v_prediction", "--snr_gamma", "5"])
+    assert accepted.prediction_type == "v_prediction" and accepted.snr_gamma == 5.0
+
+
+BAD_INPUTS = {
+    "missing folder": (["--train_data_dir", "{root}/nope"], "does not exist"),
+    "empty folder": (["--train_data_dir", "{root}/empty"], "is empty"),
+    "no readable images": (["--train_data_dir", "{root}/junk"], "no readable images"),
+    "resolution not divisible": (["--train_data_dir", "{images}", "--resolution", "15"], "not divisible by 2"),
+    "resolution vs sample_size": (["--train_data_dir", "{images}", "--model_config_name_or_path", "{root}/s8.json"],
+                                  "differs from sample_size=8"),
+    "unknown value": (["--train_data_dir", "{images}", "--lr_scheduler", "sometimes"], "invalid choice"),
+    "unknown flag": (["--train_data_dir", "{images}", "--no_such_flag", "1"], "unrecognized arguments"),
+    "zero batch": (["--train_data_dir", "{images}", "--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+    "fp16 on cpu": (["--train_data_dir", "{images}", "--mixed_precision", "fp16"], "needs a CUDA GPU"),
+    "missing checkpoint": (["--train_data_dir", "{images}", "--resume_from_checkpoint", "checkpoint-999"],
+                           "no such checkpoint"),
+    "offline hub dataset": (["--dataset_name", "someone/flowers"], "--train_data_dir"),
+    "missing model config": (["--train_data_dir", "{images}", "--model_config_name_or_path", "{root}/nope.json"],
+                             "nope.json"),
+}
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(files, tmp_path):
+    """Every case of issue 4 as a real ``python -m ddpm.train`` run; the cases run concurrently to save time."""
+    root = files["root"]
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "junk").mkdir(exist_ok=True)
+    (root / "junk" / "a.png").write_bytes(b"not an image")
+    (root / "s8.json").write_text(json.dumps({**TINY_UNET, "sample_size": 8}))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    running = {}
+    for i, (case, (flags, expected)) in enumerate(BAD_INPUTS.items()):
+        flags = [f.format(root=root, images=files["images"]) for f in flags]
+        if "--model_config_name_or_path" not in flags:
+            flags += ["--model_config_name_or_path", str(files["config"])]
+        if "--resolution" not in flags:
+            flags += ["--resolution", "16"]
+        flags += ["--output_dir", str(tmp_path / f"out{i}"), "--cache_dir", str(tmp_path / f"cache{i}")]
+        running[case] = subprocess.Popen([sys.executable, "-m", "ddpm.train", *flags], env=env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for case, process in running.items():
+        _, stderr = process.communicate(timeout=300)
+        errors = [line for line in stderr.splitlines() if line.startswith("ddpm.train: error:")]
+        assert process.returncode == 2, (case, stderr)
+        assert "Traceback" not in stderr, case
+        assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], (case, stderr)
+        assert stderr.strip().splitlines()[-1] == errors[0], (case, stderr)
+    r = run_cli("--train_data_dir", root / "nope", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "DataError" in r.stderr
+
+
+# ---- the loss and the LR schedules ----------------------------------------------------------------------------
+
+
+def test_v_prediction_target_and_min_snr_weights_by_hand():
+    alphas_cumprod = torch.tensor([0.9, 0.5, 0.2])  # SNR = 9, 1, 0.25
+    t = torch.tensor([0, 2])
+    clean = torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1)
+    noise = torch.tensor([0.5, 2.0]).reshape(2, 1, 1, 1)
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    v = training_target("v_prediction", clean, noise, alphas_cumprod, t)
+    expected_v = [math.sqrt(0.9) * 0.5 - math.sqrt(0.1) * 1.0, math.sqrt(0.2) * 2.0 - math.sqrt(0.8) * -1.0]
+    torch.testing.assert_close(v.flatten(), torch.tensor(expected_v))
+    from diffusers import DDPMScheduler as Reference
+
+    reference = Reference(num_train_timesteps=3, trained_betas=[0.1, 1 - 0.5 / 0.9, 1 - 0.2 / 0.5])
+    torch.testing.assert_close(reference.alphas_cumprod.float(), alphas_cumprod)
+    torch.testing.assert_close(reference.get_velocity(clean, noise, t), v)
+
+    # Min-SNR, gamma = 5: epsilon min(SNR,5)/SNR, sample min(SNR,5), v min(SNR,5)/(SNR+1)
+    torch.testing.assert_close(loss_weights("epsilon", alphas_cumprod, t, 5.0), torch.tensor([5 / 9, 1.0]))
+    torch.testing.assert_close(loss_weights("sample", alphas_cumprod, t, 5.0), torch.tensor([5.0, 0.25]))
+    torch.testing.assert_close(loss_weights("v_prediction", alphas_cumprod, t, 5.0), torch.tensor([0.5, 0.2]))
+    # Without --snr_gamma: the script's SNR weight for "sample", 1 otherwise.
+    torch.testing.assert_close(loss_weights("sample", alphas_cumprod, t), torch.tensor([9.0, 0.25]))
+    torch.testing.assert_close(loss_weights("v_prediction", alphas_cumprod, t), torch.ones(2))
+
+    # A zero prediction: the loss is the weighted mean of target^2 over the batch.
+    zero = torch.zeros(2, 1, 1, 1, dtype=torch.bfloat16)
+    loss = diffusion_loss(zero, clean, noise, t, alphas_cumprod, "v_prediction", snr_gamma=5.0)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx((0.5 * expected_v[0] ** 2 + 0.2 * expected_v[1] ** 2) / 2, rel=1e-6)
+    loss = diffusion_loss(zero, clean, noise, t, alphas_cumprod, "epsilon", snr_gamma=5.0)
+    assert loss.item() == pytest.approx((5 / 9 * 0.25 + 1.0 * 4.0) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                  "constant_with_warmup"])
+def test_lr_schedules_have_diffusers_shapes(name):
+    from diffusers.optimization import get_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = make(opt)
+        out = []
+        for _ in range(14):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda opt: our_get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=12))
+    theirs = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=12))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours[1] == pytest.approx(1e-3 / 3 if name != "constant" else 1e-3)
