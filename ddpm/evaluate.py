@@ -153,6 +153,8 @@ def log_metrics(output_dir: str | Path, record: dict[str, Any], scalars: dict[st
         step = sum(1 for _ in jsonl.open(encoding="utf-8")) if jsonl.is_file() else 0
     with jsonl.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
+    if not scalars:
+        return
     from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow, and only needed now
 
     with SummaryWriter(str(Path(output_dir) / "logs")) as writer:

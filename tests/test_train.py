@@ -166,6 +166,23 @@ def test_bundled_dataset_run_with_laptop_defaults(tmp_path, capsys):
     assert grid.mode == "L" and grid.size == (32, 16)
 
 
+def test_eval_epochs_scores_samples_during_training(tmp_path):
+    """--eval_epochs: ddpm.metrics on the bundled data, logged to metrics.jsonl and the run's tensorboard."""
+    out = tmp_path / "ev"
+    config = parse_args(["--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8",
+                         "--resolution", "16", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "4",
+                         "--eval_epochs", "1", "--eval_num_images", "8", "--eval_extractor_steps", "3"])
+    train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["step"] == 2 and records[0]["num_images"] == 8
+    assert records[0]["fid"] > 0 and 0 <= records[0]["precision"] <= 1 and 0 <= records[0]["recall"] <= 1
+    assert list((out / "feature_extractors").glob("*.safetensors")), "the feature network is cached"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(p.parent)).Reload() for p in (out / "logs").rglob("events.out.tfevents.*")]
+    assert any("eval/fid" in e.Tags()["scalars"] for e in events)
+
+
 def test_notebook_launcher_runs_train(files, tmp_path):
     from accelerate import notebook_launcher
 

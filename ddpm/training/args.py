@@ -64,6 +64,9 @@ class TrainConfig:
     max_train_steps: int | None = None
     save_images_epochs: int = 10
     save_model_epochs: int = 10
+    eval_epochs: int = 0  # ddpm: 0 = no quality metric during training
+    eval_num_images: int = 256
+    eval_extractor_steps: int = 1000  # ddpm: training steps of the metric's feature network (once, then cached)
     gradient_accumulation_steps: int = 1
     seed: int | None = None
     # optimiser
@@ -113,7 +116,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
                     "save_model_epochs", "gradient_accumulation_steps", "checkpointing_steps", "ddpm_num_steps",
-                    "ddpm_num_inference_steps")
+                    "ddpm_num_inference_steps", "eval_num_images", "eval_extractor_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -121,7 +124,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
-        for name in ("lr_warmup_steps", "dataloader_num_workers", "max_nan_skips"):
+        for name in ("lr_warmup_steps", "dataloader_num_workers", "max_nan_skips", "eval_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.seed is not None and self.seed < 0:
@@ -209,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: stop after this many optimiser steps (overrides --num_epochs)")
     g.add_argument("--save_images_epochs", type=int, default=d.save_images_epochs)
     g.add_argument("--save_model_epochs", type=int, default=d.save_model_epochs)
+    g.add_argument("--eval_epochs", type=int, default=d.eval_epochs,
+                   help="ddpm: every K epochs (and after the last) score --eval_num_images samples with ddpm.metrics "
+                        "against the training images; logged to tensorboard and metrics.jsonl (0 = off)")
+    g.add_argument("--eval_num_images", type=int, default=d.eval_num_images, help="ddpm: samples per evaluation")
+    g.add_argument("--eval_extractor_steps", type=int, default=d.eval_extractor_steps,
+                   help="ddpm: training steps of the metric's feature network (trained once, cached in output_dir)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
     g.add_argument("--seed", type=int, default=d.seed, help="ddpm: seed for weights, noise and data order")
     g = p.add_argument_group("optimiser")

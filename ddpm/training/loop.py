@@ -175,6 +175,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
     with tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
               desc="steps") as progress:
         epoch, first_batch = first_epoch, True
+        scorer: _Scorer | None = None  # --eval_epochs: built on first use
         for epoch in range(first_epoch, num_epochs):
             model.train()
             progress.set_description(f"epoch {epoch}")
@@ -256,6 +257,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
             last = epoch == num_epochs - 1 or global_step >= max_train_steps
             if is_main and (epoch % config.save_images_epochs == 0 or last):
                 _sample_grid(config, accelerator, unwrapped, ema, noise_scheduler, epoch, global_step)
+            if is_main and config.eval_epochs and (epoch % config.eval_epochs == 0 or last):
+                scorer = scorer or _Scorer(config, unwrapped.config, accelerator.device)
+                scorer(_eval_unet(unwrapped, ema), noise_scheduler, global_step, accelerator)
             if is_main and (epoch % config.save_model_epochs == 0 or last):
                 _save_pipeline(config, unwrapped, ema, noise_scheduler)
                 if repo_id is not None:
@@ -357,6 +361,40 @@ def _eval_unet(unwrapped: UNet, ema: EMA | None) -> UNet:
     if ema is not None:
         ema.copy_to(copy)
     return copy.eval()
+
+
+class _Scorer:
+    """Scores samples with ddpm.metrics during training (--eval_epochs). The real images and the feature
+    network (trained once, cached in output_dir) are prepared on first use and reused."""
+
+    def __init__(self, config: TrainConfig, unet_config: Any, device: torch.device) -> None:
+        from ddpm import evaluate, metrics
+
+        self.config, self.device = config, device
+        real = evaluate.load_real_images(config.dataset_name, config.train_data_dir, config.resolution,
+                                         unet_config.in_channels, config.dataset_config_name, config.cache_dir)
+        train, pool = evaluate.split_real_images(real)
+        self.extractor = metrics.dataset_extractor(train.images, train.labels, config.output_dir, train.description,
+                                                   steps=config.eval_extractor_steps, device=device)
+        pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))
+        self.reference = pool[pick[:config.eval_num_images]]
+
+    def __call__(self, unet: UNet, noise_scheduler: DDPMScheduler, step: int, accelerator: Accelerator) -> None:
+        from ddpm import evaluate, metrics
+
+        c = self.config
+        scheduler_cls = DDIMScheduler if c.ddpm_inference_scheduler == "ddim" else DDPMScheduler
+        pipeline = Pipeline(unet=unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluation must not move the training RNG
+            generated = evaluate.generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps)
+            scores = metrics.evaluate_images(generated, self.reference, self.extractor)
+        record = {"step": step, **scores, "num_images": c.eval_num_images, "scheduler": scheduler_cls.__name__,
+                  "num_inference_steps": c.ddpm_num_inference_steps, "ema": c.use_ema}
+        evaluate.log_metrics(c.output_dir, record, {}, step=step)  # metrics.jsonl
+        accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)  # the run's tensorboard
+        accelerator.print("eval at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items())))
 
 
 def _sample_grid(config: TrainConfig, accelerator: Accelerator, unwrapped: UNet, ema: EMA | None,
