@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm import DDPMScheduler, Pipeline, UNet
-from ddpm.data import load_embedded_images
+from ddpm.evaluate import load_real_images
 from ddpm.images import make_grid, to_pil
 
 p = argparse.ArgumentParser()
@@ -27,15 +27,16 @@ p.add_argument("--sample_steps", type=int, default=1000)
 args = p.parse_args()
 torch.manual_seed(0)
 
-# Data: [N x 3 x H x W] in [-1, 1] (the course's Resize/RandomHorizontalFlip/ToTensor/Normalize).
-images = load_embedded_images(args.image_size)
+# Data: the bundled Fashion-MNIST subset as [N x 1 x H x W] in [-1, 1] (the course's Resize/ToTensor/Normalize;
+# the random flip is applied per batch below).
+images = load_real_images(None, None, args.image_size, channels=1).images
 loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, shuffle=True, drop_last=True)
 
 levels = len(args.channels)
 model = UNet(
     sample_size=args.image_size,
-    in_channels=3,
-    out_channels=3,
+    in_channels=1,  # grayscale clothing (the course's butterflies are RGB: 3)
+    out_channels=1,
     layers_per_block=1,
     block_out_channels=tuple(args.channels),
     norm_num_groups=min(8, args.channels[0]),
@@ -77,7 +78,7 @@ grid.save(out / "pipeline_grid.png")
 
 # The course's manual sampling loop.
 noise_scheduler.set_timesteps(args.sample_steps)
-sample = torch.randn(8, 3, args.image_size, args.image_size)
+sample = torch.randn(8, 1, args.image_size, args.image_size)
 for t in tqdm(noise_scheduler.timesteps, desc="manual sampling"):
     with torch.no_grad():
         residual = model(sample, t).sample
