@@ -82,13 +82,15 @@ def main() -> None:
     plot_training(args.run)
 
     pipe = Pipeline.from_pretrained(args.run)
+    samples = {}
     for name, cls, steps in (("ddpm1000", DDPMScheduler, 1000), ("ddim50", DDIMScheduler, 50)):
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
-        make_grid(to_pil(generate(pipe, 64, 64, steps)), rows=8, cols=8).save(HERE / f"samples_{name}.png")
+        samples[name] = generate(pipe, 64, 64, steps)
+        make_grid(to_pil(samples[name]), rows=8, cols=8).save(HERE / f"samples_{name}.png")
     real = load_real_images(None, None, pipe.unet.config.sample_size, channels=pipe.unet.config.in_channels)
     pick = torch.randperm(real.images.shape[0], generator=torch.Generator().manual_seed(1))[:32]
-    fake = generate(pipe, 32, 32, 50)  # the DDIM-50 scheduler set above
-    make_grid(to_pil(torch.cat([real.images[pick], fake])), rows=8, cols=8).save(HERE / "real_vs_generated.png")
+    real_vs_generated = torch.cat([real.images[pick], samples["ddpm1000"][:32]])  # top 4 rows real, bottom generated
+    make_grid(to_pil(real_vs_generated), rows=8, cols=8).save(HERE / "real_vs_generated.png")
 
     raw = raw_weights_pipeline(args.run, args.run / "raw-weights")
     results = []
