@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,37 +32,149 @@ Resample = Literal["up", "down", "fir_up", "fir_down"]
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and keys) that always takes the oneDNN kernel for float32 on CPU.
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype convolutions run in: autocast's (bf16/fp16) where autocast is on for ``x``'s device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _onednn(x: Tensor, dtype: torch.dtype) -> bool:
+    return _ONEDNN and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int = 1, padding: int = 0) -> Tensor:
+    """``F.conv2d`` that always takes the oneDNN kernel on CPU for float32 and bfloat16 (autocast included).
 
     PyTorch's heuristic sends batch-1 convolutions on small maps (e.g. 256 x 8 x 8) to its slow reference kernel,
-    which ran at 49-61 GFLOP/s against up to 370 through oneDNN on our CPU (shared/PERF_NOTES.md). Under autocast,
-    other dtypes or devices, this is plain ``nn.Conv2d``.
+    which ran at 49-61 GFLOP/s against up to 370 through oneDNN on our CPU (shared/PERF_NOTES.md).
     """
+    dtype = compute_dtype(x)
+    if not _onednn(x, dtype):
+        return F.conv2d(x, weight, bias, stride, padding)
+    # Cast by hand as autocast would: it does not intercept mkldnn_convolution.
+    bias = bias.to(dtype) if bias is not None else None
+    # channels_last in, channels_last out: with NCHW input oneDNN reorders, and the output's layout spreads
+    x = x.to(dtype, memory_format=torch.channels_last)
+    return torch.mkldnn_convolution(x, weight.to(dtype), bias, (padding, padding), (stride, stride), (1, 1), 1)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and keys) running through ``conv2d`` above. Square kernels, zero padding."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and self.padding_mode == "zeros" and not torch.is_autocast_enabled("cpu")):
-            padding: Any = self.padding  # always a tuple here (we never pass padding="same")
-            return torch.mkldnn_convolution(x, self.weight, self.bias, padding, self.stride, self.dilation,
-                                            self.groups)
-        return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride[0], cast(int, self.padding[0]))
+
+
+# --- GroupNorm -> SiLU -> convolution, fused ---------------------------------------------------------------------
+# Every GroupNorm in the UNet feeds a convolution, through SiLU or directly (the attention's q/k/v projection).
+# On CPU the three run as one autograd Function that stores only its input and the group statistics, and recomputes
+# the normalised map (two elementwise passes, in the activations' dtype) in the backward pass (selective
+# recomputation, Chen et al. 2016): storing the normalised and the activated maps cost two activations per norm.
+# Its backward pass is written out, because PyTorch's channels_last GroupNorm backward kernel is 2-4x slower than
+# its NCHW one (10x under bf16).
+
+def _group_affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, dtype: torch.dtype
+                  ) -> tuple[Tensor, Tensor]:
+    """GroupNorm's ``(x - mean) * rstd * weight + bias`` as ``x * scale + shift``: scale, shift ``(N, C, 1, 1)``,
+    computed in float32 and handed out in ``dtype``, the activations' (one rounding under bf16 autocast)."""
+    n, groups = mean.shape
+    scale = weight.float().view(groups, -1) * rstd[:, :, None]  # (N, G, C/G)
+    shift = torch.addcmul(bias.float().view(groups, -1), mean[:, :, None], scale, value=-1.0)
+    return scale.view(n, -1, 1, 1).to(dtype), shift.view(n, -1, 1, 1).to(dtype)
+
+
+def _norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """``silu(group_norm(x))`` in float32 (PyTorch's own kernel: fast in the forward direction, also for a float32
+    copy of a bf16 ``x``, unlike its bf16 channels_last kernel), with the group mean and 1/std ``(N, G)``."""
+    n, c, height, width = x.shape
+    h, mean, rstd = torch.ops.aten.native_group_norm(x.float(), weight.float(), bias.float(), n, c, height * width,
+                                                     groups, eps)
+    return (F.silu(h, inplace=True) if silu else h), mean, rstd
+
+
+class _NormActConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor | None,
+                groups: int, eps: float, silu: bool, padding: int) -> Tensor:
+        h, mean, rstd = _norm_act(x, norm_weight, norm_bias, groups, eps, silu)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
+        ctx.config = silu, padding
+        h = h.to(weight.dtype, memory_format=torch.channels_last)
+        return torch.mkldnn_convolution(h, weight, bias, (padding, padding), (1, 1), (1, 1), 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
+        silu, padding = ctx.config
+        n, c = x.shape[:2]
+        groups = mean.shape[1]
+        scale, shift = _group_affine(norm_weight, norm_bias, mean, rstd, x.dtype)
+        # Full-size temporaries set the backward pass's memory peak: each is dropped or reused once read.
+        z = torch.addcmul(shift, x, scale)  # the normalised map, recomputed, not stored
+        h = F.silu(z, inplace=True) if silu else z  # the convolution's input, in z's buffer
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_h, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, h.to(weight.dtype), weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        # The bias gradient as one column sum: oneDNN's own took up to 10x longer.
+        grad_bias = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype) if ctx.needs_input_grad[4] else None
+        del grad
+        grad_z = grad_h.to(x.dtype)
+        if silu:  # recomputing z once more is cheaper than holding it next to h
+            z = torch.addcmul(shift, x, scale, out=h)
+            grad_z = torch.ops.aten.silu_backward.grad_input(grad_z, z, grad_input=grad_z)
+        # GroupNorm backward (Wu & He 2018): with xhat = (x - mean) rstd and g = dL/dz, per group
+        # dx = rstd (w g - E[w g] - xhat E[w g xhat]) = scale g + a x + b; the sums in float32.
+        sums = torch.stack([grad_z.sum((2, 3), dtype=torch.float32),
+                            torch.mul(grad_z, x, out=z).sum((2, 3), dtype=torch.float32)])  # z's buffer reused
+        sum_g, sum_gx = sums.view(2, n, groups, -1)  # (N, G, C/G) each
+        sum_gxhat = (sum_gx - mean[:, :, None] * sum_g).mul_(rstd[:, :, None])
+        count = x[0, 0].numel() * (c // groups)
+        w = norm_weight.float().view(groups, -1)
+        e_wg, e_wgxhat = (w * sum_g).sum(-1).div_(count), (w * sum_gxhat).sum(-1).div_(count)  # (N, G)
+        a = -rstd.square() * e_wgxhat
+        b = torch.addcmul(-rstd * e_wg, a, mean, value=-1.0)
+        a, b = (t[:, :, None].expand_as(sum_g).reshape(n, c, 1, 1).to(x.dtype) for t in (a, b))
+        grad_x = torch.addcmul(b, x, a, out=z).addcmul_(grad_z, scale)
+        return grad_x, sum_gxhat.sum(0).view(c), sum_g.sum(0).view(c), grad_weight, grad_bias, None, None, None, None
+
+
+def norm_act_conv(x: Tensor, norm: nn.GroupNorm, weight: Tensor, bias: Tensor | None, *, silu: bool,
+                  padding: int = 0) -> Tensor:
+    """``conv2d(silu(norm(x)))`` (or without the SiLU), stride 1: ``[N, C, H, W] -> [N, C_out, H, W]``.
+
+    Fused on CPU for float32 and bfloat16 (autocast): statistics and the affine map in float32, the convolution
+    in the autocast dtype. Elsewhere the plain modules.
+    """
+    dtype = compute_dtype(x)
+    if not _onednn(x, dtype):
+        h = norm(x)
+        return conv2d(F.silu(h) if silu else h, weight, bias, padding=padding)
+    bias = bias.to(dtype) if bias is not None else None
+    if not torch.is_grad_enabled():  # inference: no Function, nothing saved
+        h = _norm_act(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)[0]
+        h = h.to(dtype, memory_format=torch.channels_last)
+        return torch.mkldnn_convolution(h, weight.to(dtype), bias, (padding, padding), (1, 1), (1, 1), 1)
+    return cast(Tensor, _NormActConv.apply(x, norm.weight, norm.bias, weight.to(dtype), bias, norm.num_groups,
+                                           norm.eps, silu, padding))
 
 
 # --- activations -------------------------------------------------------------------------------------------------
-# In-place where the op allows it: the input is always a fresh GroupNorm/Linear output whose backward does not
-# read it, and silu_/mish_/relu_ save what their own backward needs.
+# In place at inference only. In training, in-place SiLU and Mish clone their input for the backward pass anyway,
+# and an in-place op on a module's output breaks the user's full backward hooks on that module.
 
 def _silu(x: Tensor) -> Tensor:
-    return F.silu(x, inplace=True)
+    return F.silu(x, inplace=not x.requires_grad)
 
 
 def _mish(x: Tensor) -> Tensor:
-    return F.mish(x, inplace=True)
+    return F.mish(x, inplace=not x.requires_grad)
 
 
 def _relu(x: Tensor) -> Tensor:
-    return F.relu(x, inplace=True)
+    return F.relu(x, inplace=not x.requires_grad)
 
 
 def _gelu(x: Tensor) -> Tensor:
@@ -185,6 +297,53 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+# After nearest 2x upsampling, output row 2i of a 3x3 convolution reads input rows (i-1, i, i) and row 2i+1 reads
+# (i, i, i+1): per output phase, two input rows (and columns), over which the three kernel rows fold into two.
+_UPSAMPLE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # phase 0: rows i-1, i <- (w0, w1 + w2)
+                               [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # phase 1: rows i, i+1 <- (w0 + w1, w2)
+# _UPSAMPLE_FOLD[(a, b, t, u), (k, l)] = 1 where 3x3 tap (k, l) adds into tap (t, u) of phase (a, b)'s 2x2 kernel
+_UPSAMPLE_FOLD = torch.einsum("atk,bul->abtukl", _UPSAMPLE_TAPS, _UPSAMPLE_TAPS).reshape(16, 9)
+
+
+def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` with padding 1, ``[N, C, H, W] -> [N, O, 2H, 2W]``, computed as one 2x2
+    convolution of ``x`` per output phase: the same sums grouped differently, with 2.25x fewer FLOPs and no
+    4x-size upsampled map (the largest tensor a training step would otherwise store)."""
+    out, cin = weight.shape[:2]
+    w = weight.permute(0, 2, 3, 1).reshape(out, 9, cin)  # (O, 3*3, C): a view of channels_last weights
+    # (4 O, C, 2, 2), output channels ordered (o, a, b); channels_last like the 3x3 weights
+    phase_weight = torch.matmul(_UPSAMPLE_FOLD.to(w), w).view(4 * out, 2, 2, cin).permute(0, 3, 1, 2)
+    phase_bias = bias.repeat_interleave(4) if bias is not None else None
+    # y[:, 4o + 2a + b, i + a, j + b] is output pixel (2i + a, 2j + b) of channel o: (N, 4 O, H + 1, W + 1)
+    y = conv2d(x, phase_weight, phase_bias, padding=1).contiguous(memory_format=torch.channels_last)
+    return cast(Tensor, _InterleavePhases.apply(y))
+
+
+def _phases(y: Tensor) -> Tensor:
+    """The (N, H, a, W, b, O) view of ``y`` (N, 4 O, H + 1, W + 1) channels_last: the memory order of the
+    (N, O, 2H, 2W) channels_last output."""
+    n, c, height, width = y.shape
+    s_n, _, s_row, s_col = y.stride()
+    return y.as_strided((n, height - 1, 2, width - 1, 2, c // 4), (s_n, s_row, s_row + 2, s_col, s_col + 1, 4))
+
+
+class _InterleavePhases(torch.autograd.Function):
+    # Written out because autograd's generic as_strided backward builds index tensors (10x a copy).
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        ctx.shape = y.shape
+        phases = _phases(y)
+        n, height, _, width, _, out = phases.shape
+        return phases.reshape(n, 2 * height, 2 * width, out).permute(0, 3, 1, 2)  # one copy
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad_y = grad.new_zeros(ctx.shape).contiguous(memory_format=torch.channels_last)
+        phases = _phases(grad_y)
+        phases.copy_(grad.permute(0, 2, 3, 1).reshape(phases.shape))
+        return grad_y
+
+
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling by 2 followed by a 3x3 convolution, ``[N, C, H, W] -> [N, C, 2H, 2W]``."""
 
@@ -193,7 +352,7 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(nearest_upsample(x))
+        return upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
 # --- ResNet block -------------------------------------------------------------------------------------------------
@@ -228,11 +387,30 @@ class ResnetBlock2D(nn.Module):
         if use_in_shortcut is None:
             use_in_shortcut = in_channels != out_channels
         self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1) if use_in_shortcut else None
+        # GroupNorm -> SiLU -> conv pairs run fused (norm_act_conv) unless something sits between them.
+        self.fusable = act_fn in ("silu", "swish") and resample is None and not self.scale_shift
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        if self.fusable and not (self.dropout > 0.0 and self.training):
+            h = norm_act_conv(x, self.norm1, self.conv1.weight, self.conv1.bias, silu=True, padding=1)
+            t = self.time_emb_proj(temb)[:, :, None, None]  # (N, C_out, 1, 1)
+            # conv1's output is read by no backward formula: safe in place
+            h = norm_act_conv(h.add_(t), self.norm2, self.conv2.weight, self.conv2.bias, silu=True, padding=1)
+        else:
+            h = self._unfused(x, temb)
+            if self.resample is not None:
+                x = self.resample(x)
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        h = h.add_(x)
+        if self.output_scale_factor != 1.0:
+            h = h.div_(self.output_scale_factor)
+        return h
+
+    def _unfused(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.act(self.norm1(x))
         if self.resample is not None:
-            x, h = self.resample(x), self.resample(h)
+            h = self.resample(h)
         h = self.conv1(h)
         t = self.time_emb_proj(temb)[:, :, None, None]  # (N, C_out or 2 C_out, 1, 1)
         if self.scale_shift:
@@ -243,13 +421,7 @@ class ResnetBlock2D(nn.Module):
         h = self.act(h)
         if self.dropout > 0.0 and self.training:
             h = F.dropout(h, self.dropout, training=True)
-        h = self.conv2(h)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        h = h.add_(x)
-        if self.output_scale_factor != 1.0:
-            h = h.div_(self.output_scale_factor)
-        return h
+        return self.conv2(h)
 
 
 # --- attention ----------------------------------------------------------------------------------------------------
@@ -276,19 +448,26 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, channels)])
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, _, height, width = x.shape
-        h = self.group_norm(x) if self.group_norm is not None else x
-        # Tokens as one 2-D matrix: a view for channels_last input (the UNet's layout), one copy otherwise.
-        tokens = rearrange(h, "b c x y -> (b x y) c")
-        # One GEMM for q, k and v; the weights stay three parameters so the state dict matches.
-        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        height = x.shape[2]
+        # q, k and v as one 1x1 convolution over the map: a GEMM through oneDNN, twice MKL's speed on our CPU. The
+        # weights stay three parameters so the state dict matches.
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])[:, :, None, None]  # (3 inner, C, 1, 1)
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        qkv = F.linear(tokens, w, b)  # (N * L, 3 * inner)
-        q, k, v = rearrange(qkv, "(b l) (three n d) -> three b n l d", b=batch, three=3, n=self.heads)  # views
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim)
-        out = self.to_out[0](rearrange(out, "b n l d -> (b l) (n d)"))  # (N * L, C)
-        out = rearrange(out, "(b x y) c -> b c x y", b=batch, x=height, y=width)  # channels_last view
-        out = x + out  # the first operand fixes the memory format: the block keeps its input's layout
+        if self.group_norm is not None:
+            qkv = norm_act_conv(x, self.group_norm, w, b, silu=False)  # (N, 3 inner, H, W)
+        else:
+            qkv = conv2d(x, w, b)
+        # channels_last, so the tokens are rows in memory and q, k, v are views (split along channels, so the
+        # backward pass assembles their gradients with one channels_last cat)
+        q, k, v = (rearrange(t, "b (n d) x y -> b n (x y) d", n=self.heads) for t in qkv.chunk(3, dim=1))
+        # Softmax attention in float32 (dtype policy); under autocast CPU's bf16 flash-attention backward is also
+        # 4x slower than the float32 one.
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(qkv.dtype)  # (N, n, H*W, d)
+        out = rearrange(out, "b n (x y) d -> b (n d) x y", x=height)  # a channels_last view: SDPA's output is
+        proj = cast(nn.Linear, self.to_out[0])  # (b, l, n, d) in memory
+        out = conv2d(out, proj.weight[:, :, None, None], proj.bias)
+        out = out.add_(x)  # the residual; the conv's output is read by no backward formula
         if self.rescale_output_factor != 1.0:
             out = out.div_(self.rescale_output_factor)
         return out

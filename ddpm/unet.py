@@ -12,6 +12,7 @@ learned) embedding and a two-layer MLP.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,8 @@ from ddpm import checkpoint
 from ddpm.blocks import (DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DownBlock, MidBlock, SkipDownBlock, SkipUpBlock,
                          UpBlock, canonical_block_type)
 from ddpm.config import check_choice, config_from_dict, config_to_dict, read_json, write_json
-from ddpm.layers import ACTIVATIONS, Conv2d, GaussianFourierEmbedding, SinusoidalTimestepEmbedding, TimestepEmbedding
+from ddpm.layers import (ACTIVATIONS, Conv2d, GaussianFourierEmbedding, SinusoidalTimestepEmbedding,
+                         TimestepEmbedding, norm_act_conv)
 
 CLASS_NAME = "UNet2DModel"  # the _class_name we write and accept, so diffusers loads our folders
 
@@ -65,10 +67,13 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         for key in ("down_block_types", "up_block_types", "block_out_channels"):
-            if not isinstance(getattr(self, key), tuple):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
+            value = getattr(self, key)
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"{key}={value!r} must be a list with one entry per resolution level")
+            object.__setattr__(self, key, tuple(value))
         if isinstance(self.sample_size, list):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
+        self._check_values()
         check_choice("time_embedding_type", self.time_embedding_type, ("positional", "fourier", "learned"))
         check_choice("act_fn", self.act_fn, tuple(ACTIVATIONS))
         check_choice("resnet_time_scale_shift", self.resnet_time_scale_shift, ("default", "scale_shift"))
@@ -79,22 +84,94 @@ class UNetConfig:
         downs, ups, channels = self.down_block_types, self.up_block_types, self.block_out_channels
         for key, names, table in (("down_block_types", downs, DOWN_BLOCK_TYPES),
                                   ("up_block_types", ups, UP_BLOCK_TYPES)):
-            for name in names:
-                if canonical_block_type(name) not in table:
-                    raise ValueError(f"{key} contains unsupported block type {name!r}; supported: {', '.join(table)}")
+            for i, name in enumerate(names):
+                if not isinstance(name, str) or canonical_block_type(name) not in table:
+                    raise ValueError(f"{key}[{i}]={name!r} is not a supported block type; supported: "
+                                     f"{', '.join(table)}")
+        if not channels:
+            raise ValueError("block_out_channels is empty; give one width per resolution level")
         if len(downs) != len(ups):
             raise ValueError(f"down_block_types has {len(downs)} entries but up_block_types has {len(ups)}; "
                              f"they must match")
         if len(channels) != len(downs):
             raise ValueError(f"block_out_channels has {len(channels)} entries but down_block_types has "
                              f"{len(downs)}; they must match")
-        if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block={self.layers_per_block} must be at least 1")
-        if self.attention_head_dim is not None and self.attention_head_dim < 1:
-            raise ValueError(f"attention_head_dim={self.attention_head_dim} must be positive (or None)")
         if self.time_embedding_type == "learned" and self.num_train_timesteps is None:
             raise ValueError("num_train_timesteps must be set when time_embedding_type='learned'")
+        half = channels[0] // 2  # the sinusoidal embedding's frequencies divide by (half - freq_shift)
+        if self.time_embedding_type == "positional" and half > 0 and self.freq_shift >= half:
+            raise ValueError(f"freq_shift={self.freq_shift} must be less than block_out_channels[0] // 2 = {half}")
+        factor = 2 ** (len(downs) - 1)  # every down block but the last halves the resolution
+        sizes = self.sample_size if isinstance(self.sample_size, tuple) else (self.sample_size,)
+        if any(s is not None and s % factor for s in sizes):
+            raise ValueError(f"sample_size={self.sample_size} must be divisible by {factor} = 2 ** (number of "
+                             f"down blocks - 1), so that the up path restores the input's size")
+        self._check_skip_path()
+        self._check_attention()
         self._check_groups()
+
+    def _check_skip_path(self) -> None:
+        # The Skip blocks carry a 3-channel image path (skip_sample) beside x, at x's resolution: a Skip block that
+        # downsamples needs Skip blocks before it, and once an up block is a Skip block, all later ones must be too
+        # (they upsample the path back to the output, where it is added).
+        downs, ups = self.down_block_types, self.up_block_types
+        skip_down = [DOWN_BLOCK_TYPES[canonical_block_type(n)][1] == "fir" for n in downs]
+        skip_up = [UP_BLOCK_TYPES[canonical_block_type(n)][1] == "fir" for n in ups]
+        for i in range(len(downs) - 1):  # the last down block does not downsample
+            if skip_down[i] and not all(skip_down[:i]):
+                raise ValueError(f"down_block_types[{i}]={downs[i]!r} downsamples the Skip image path, so the down "
+                                 f"blocks before it must be Skip blocks too; got {list(downs)}")
+        for i in range(skip_up.index(True) + 1 if any(skip_up) else len(ups), len(ups)):
+            if not skip_up[i]:
+                raise ValueError(f"up_block_types[{i}]={ups[i]!r} follows a Skip up block, so it must be a Skip block "
+                                 f"too (to carry the image path to the output); got {list(ups)}")
+
+    def _check_values(self) -> None:
+        # Each value on its own: its type and range. The checks in __post_init__ then combine them.
+        for key in ("in_channels", "out_channels", "layers_per_block"):
+            _check_int(key, getattr(self, key), minimum=1)
+        for key in ("time_embedding_dim", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups",
+                    "num_class_embeds", "num_train_timesteps"):
+            _check_int(key, getattr(self, key), minimum=1, optional=True)
+        for i, c in enumerate(self.block_out_channels):
+            _check_int(f"block_out_channels[{i}]", c, minimum=1)
+        if isinstance(self.sample_size, tuple):
+            if len(self.sample_size) != 2:
+                raise ValueError(f"sample_size={self.sample_size} must be an integer or a (height, width) pair")
+            for s in self.sample_size:
+                _check_int("sample_size", s, minimum=1)
+        else:
+            _check_int("sample_size", self.sample_size, minimum=1, optional=True)
+        _check_int("downsample_padding", self.downsample_padding, minimum=0)
+        if self.downsample_padding > 1:
+            raise ValueError(f"downsample_padding={self.downsample_padding} is not supported; choose 1, or 0 for "
+                             f"the original DDPM's asymmetric padding")
+        for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"{key}={getattr(self, key)!r} must be True or False")
+        _check_number("freq_shift", self.freq_shift)
+        for key in ("mid_block_scale_factor", "norm_eps"):
+            if _check_number(key, getattr(self, key)) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be positive")
+        if not 0 <= _check_number("dropout", self.dropout) <= 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1]")
+
+    def _check_attention(self) -> None:
+        # An attention layer has width // attention_head_dim heads (as in diffusers): at least one is needed.
+        if self.attention_head_dim is None:
+            return
+        rev = self.block_out_channels[::-1]
+        layers = [(f"down_block_types[{i}]={name!r}", c) for i, (name, c)
+                  in enumerate(zip(self.down_block_types, self.block_out_channels))
+                  if DOWN_BLOCK_TYPES[canonical_block_type(name)][0]]
+        layers += [(f"up_block_types[{i}]={name!r}", c) for i, (name, c) in enumerate(zip(self.up_block_types, rev))
+                   if UP_BLOCK_TYPES[canonical_block_type(name)][0]]
+        if self.mid_block_type is not None and self.add_attention:
+            layers.append(("the mid block", rev[0]))
+        for where, c in layers:
+            if self.attention_head_dim > c:
+                raise ValueError(f"attention_head_dim={self.attention_head_dim} is wider than the attention of "
+                                 f"{where}, which has {c} channels (block_out_channels); it would have no heads")
 
     def groups_for(self, channels: int) -> int:
         """GroupNorm groups of the mid block and the output head for a ``channels``-wide layer."""
@@ -104,30 +181,82 @@ class UNetConfig:
         channels = self.block_out_channels
         skip = [DOWN_BLOCK_TYPES[canonical_block_type(n)][1] == "fir" for n in self.down_block_types]
         skip_up = [UP_BLOCK_TYPES[canonical_block_type(n)][1] == "fir" for n in self.up_block_types]
-        # norm_num_groups normalises the plain blocks, the mid block and the output head.
-        plain = {c for c, s in zip(channels, skip) if not s} | {c for c, s in zip(reversed(channels), skip_up) if not s}
-        if self.norm_num_groups is None and plain:
+        if self.norm_num_groups is None and not (all(skip) and all(skip_up)):
             raise ValueError("norm_num_groups=None is only supported when every block is a Skip block")
-        for c in sorted(plain | {channels[0], channels[-1]}):
-            if c % self.groups_for(c):
-                raise ValueError(f"block_out_channels entry {c} is not divisible by norm_num_groups="
-                                 f"{self.norm_num_groups} ({self.groups_for(c)} groups)")
-        if self.attn_norm_num_groups is not None and channels[-1] % self.attn_norm_num_groups:
-            raise ValueError(f"block_out_channels[-1]={channels[-1]} is not divisible by attn_norm_num_groups="
-                             f"{self.attn_norm_num_groups}")
         if any(skip) or any(skip_up):
             if self.in_channels != 3 or self.out_channels != 3:
                 raise ValueError(f"Skip blocks carry a 3-channel image path; in_channels={self.in_channels} and "
                                  f"out_channels={self.out_channels} must both be 3")
-            names = list(self.down_block_types) + list(self.up_block_types)
-            for c, name in zip(list(channels) + list(reversed(channels)), names):
-                if "Skip" in name and (c < 4 or c % min(c // 4, 32)):
-                    raise ValueError(f"block_out_channels entry {c} cannot be split into min(c // 4, 32) "
-                                     f"GroupNorm groups as {name} requires")
-                if name.startswith("AttnSkip") and c % 32:
-                    raise ValueError(f"block_out_channels entry {c} must be divisible by 32 for {name} (its "
-                                     f"attention GroupNorm has 32 groups)")
+        for where, c, groups, source in self._group_norms():
+            if groups < 1 or c % groups:
+                raise ValueError(f"block_out_channels={list(channels)} do not fit {where}: it normalises {c} "
+                                 f"channels in {groups} GroupNorm groups ({source})")
 
+    def _group_norms(self) -> list[tuple[str, int, int, str]]:
+        """(layer, channels, groups, where the groups come from) of every GroupNorm that ``UNet`` builds; the
+        channel arithmetic of ``UNet.__init__`` and ddpm/blocks.py, repeated so that a bad config fails here."""
+        ch, n, plain = self.block_out_channels, self.layers_per_block, f"norm_num_groups={self.norm_num_groups}"
+        skip, attn_skip = "min(channels // 4, 32) in Skip blocks", "32 in AttnSkip attention"
+        norms: list[tuple[str, int, int, str]] = []
+        for i, name in enumerate(self.down_block_types):
+            attention, kind = DOWN_BLOCK_TYPES[canonical_block_type(name)]
+            where, c_in, c = f"down_block_types[{i}]={name!r}", ch[max(i - 1, 0)], ch[i]
+            if kind == "fir":
+                norms += [(where, x, min(x // 4, 32), skip) for x in (c_in, c)]
+                norms += [(where, c, 32, attn_skip)] if attention else []
+            else:
+                norms += [(where, x, self.groups_for(c), plain) for x in (c_in, c)]
+        rev = ch[::-1]
+        for i, name in enumerate(self.up_block_types):
+            attention, kind = UP_BLOCK_TYPES[canonical_block_type(name)]
+            where, prev, c = f"up_block_types[{i}]={name!r}", rev[max(i - 1, 0)], rev[i]
+            c_skip = rev[min(i + 1, len(ch) - 1)]
+            # ResNet j takes [incoming map, skip]: (prev, c), (c, c), ..., and (c, c_skip) for the last
+            pairs = [(prev if j == 0 else c, c_skip if j == n else c) for j in range(n + 1)]
+            if kind == "fir":  # AttnSkipUpBlock2D's min(x + s // 4, 32) is diffusers' (see blocks.py)
+                norms += [(where, x + s, min(x + s // 4, 32) if attention else min((x + s) // 4, 32), skip)
+                          for x, s in pairs]
+                norms += [(where, c, min(c // 4, 32), skip)] + ([(where, c, 32, attn_skip)] if attention else [])
+            else:
+                norms += [(where, x + s, self.groups_for(c), plain) for x, s in pairs + [(c, 0)]]
+        if self.mid_block_type is not None:
+            norms.append(("the mid block", ch[-1], self.groups_for(ch[-1]), plain))
+            if self.add_attention and self.attn_norm_num_groups is not None:
+                norms.append(("the mid-block attention", ch[-1], self.attn_norm_num_groups,
+                              f"attn_norm_num_groups={self.attn_norm_num_groups}"))
+        norms.append(("the output head", ch[0], self.groups_for(ch[0]), plain))
+        return norms
+
+
+def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """A TypeError or ValueError naming ``key`` unless ``value`` is an int >= ``minimum`` (or None if optional)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key}={value!r} must be an integer{' or None' if optional else ''}")
+    if value < minimum:
+        raise ValueError(f"{key}={value} must be at least {minimum}")
+
+
+def _check_number(key: str, value: Any) -> float:
+    """``value`` if it is a finite int or float; else a TypeError or ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key}={value!r} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value} must be finite")
+    return value
+
+
+def _check_sample_shape(config: UNetConfig, shape: torch.Size) -> None:
+    # Every down block but the last halves H and W, and the up path must restore them exactly. Integers only.
+    factor = 1 << (len(config.down_block_types) - 1)
+    if len(shape) == 4 and shape[1] == config.in_channels and not (shape[2] % factor or shape[3] % factor):
+        return
+    if len(shape) != 4 or shape[1] != config.in_channels:
+        raise ValueError(f"sample has shape {tuple(shape)}; this UNet takes [N, {config.in_channels}, H, W] "
+                         f"(in_channels={config.in_channels})")
+    raise ValueError(f"sample size {shape[2]}x{shape[3]} is not divisible by {factor}; this UNet halves the "
+                     f"resolution {factor.bit_length() - 1} times (2 ** (number of down blocks - 1))")
 
 class UNetOutput(NamedTuple):
     """``sample``: the network output, ``[N, out_channels, H, W]`` (the predicted noise for DDPM)."""
@@ -274,6 +403,7 @@ class UNet(nn.Module):
         ``sample`` ``[N, out_channels, H, W]``, or the 1-tuple ``(sample,)`` when ``return_dict=False``.
         H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``.
         """
+        _check_sample_shape(self.config, sample.shape)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         # Python numbers become int64 exactly as in diffusers (a float like 999.5 is truncated to 999).
@@ -300,7 +430,7 @@ class UNet(nn.Module):
             else:
                 x = up(x, skips, temb)
 
-        x = self.conv_out(nn.functional.silu(self.conv_norm_out(x), inplace=True))
+        x = norm_act_conv(x, self.conv_norm_out, self.conv_out.weight, self.conv_out.bias, silu=True, padding=1)
         if up_skip is not None:
             x = x + up_skip
         if self.config.time_embedding_type == "fourier":

@@ -1,0 +1,135 @@
+"""The benchmark harness (benchmarks/run.py) on a tiny UNet: the machinery, not the speed."""
+
+import importlib.util
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+spec = importlib.util.spec_from_file_location("ddpm_benchmarks_run", PATH)
+assert spec is not None and spec.loader is not None
+bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench
+spec.loader.exec_module(bench)
+
+TINY = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+PLAN = bench.Plan(configs=("tiny",), precisions=("fp32",), forward_batches=(1, 2), backward_batch=2,
+                  train_batch=2, repeats=2, warmup=1, memory_steps=0, sampling_configs=("tiny",), sampling_batch=2,
+                  sampling=(("ddim", 3), ("ddpm", 4)), sampling_repeats=(1, 2), scheduler_steps=(("ddpm", 20),),
+                  scheduler_batch=2, conv_peak_batch=1, profile=True, profile_batches=(1,))
+
+
+@pytest.fixture(scope="module")
+def sides():
+    return [bench.make_side("diffusers"), bench.make_side("ddpm")]
+
+
+@pytest.fixture(scope="module")
+def report(sides, tmp_path_factory):
+    return bench.run_benchmark(PLAN, sides, torch.device("cpu"), configs={"tiny": TINY}, log=lambda _: None,
+                               workdir=tmp_path_factory.mktemp("bench"))
+
+
+def positive(x):
+    return math.isfinite(x) and x > 0
+
+
+def test_report_has_every_case_with_finite_positive_times(report):
+    expected = {(f"tiny {case}", "fp32")
+                for case in ("forward b1", "forward b2", "forward+backward b2", "train step b2",
+                             "sampling DDIM 3 steps b2", "sampling DDPM 4 steps b2")}
+    expected.add(("scheduler loop DDPM 20 steps b2", "fp32"))
+    assert {(r.case, r.precision) for r in report.rows} == expected
+    for row in report.rows:
+        assert set(row.times) == {"diffusers", "ddpm"}
+        assert all(positive(t) for times in row.times.values() for t in times), row
+        assert positive(row.ratio("diffusers", "ddpm"))
+    sampling = {r.case: r for r in report.rows if "sampling" in r.case and r.precision == "fp32"}
+    assert len(sampling["tiny sampling DDIM 3 steps b2"].times["ddpm"]) == 1
+    assert len(sampling["tiny sampling DDPM 4 steps b2"].times["ddpm"]) == 2
+
+
+def test_flops_peaks_memory_and_sampling_overhead(report):
+    forward = {r.case: r.flops for r in report.rows if r.precision == "fp32" and r.flops}
+    # FLOPs scale with the batch, and a backward pass costs more than a forward one.
+    assert forward["tiny forward b2"] == 2 * forward["tiny forward b1"] > 0
+    assert forward["tiny forward+backward b2"] > forward["tiny forward b2"]
+    assert set(report.peaks) == {"fp32"} and positive(report.peaks["fp32"])
+    assert report.memory == []  # memory_steps=0: no subprocesses
+    for s in report.sampling:
+        for side in ("diffusers", "ddpm"):
+            assert 0 < s["inside"][side] < s["total"][side]
+    assert 0 <= report.matches["tiny"] < 1e-4
+
+
+def test_rendered_table_and_profile(report, tmp_path):
+    text = bench.render(report, "python benchmarks/run.py --test", 1.0, ("0.1", "0.2"), "hand-written findings")
+    results = text[text.index("## Results"):text.index("## Sampling")]
+    table = [line for line in results.splitlines() if line.startswith(("| tiny ", "| scheduler"))]
+    assert len(table) == len(report.rows)
+    assert "## Sampling: time outside the UNet" in text
+    assert "hand-written findings" in text and "model name" not in text and "torch " in text
+    assert "### tiny, forward batch 1, fp32" in text and "conv2d memory formats" in text
+    path = tmp_path / "RESULTS.md"
+    path.write_text(text)
+    assert bench.previous_findings(path).strip() == "hand-written findings"
+
+
+def test_memory_table(report):
+    gib = 2**30
+    fake = [{"config": "tiny", "precision": "fp32", "side": "diffusers", "peak_rss": 2 * gib, "rss_before": gib,
+             "times": [1.0]},
+            {"config": "tiny", "precision": "fp32", "side": "ddpm", "peak_rss": 1.5 * gib, "rss_before": gib,
+             "times": [1.0]}]
+    text = bench.render(replace(report, memory=fake), "cmd", 1.0, ("0", "0"), "")
+    line = next(line for line in text.splitlines() if line.startswith("| tiny | fp32 | ddpm |"))
+    assert line.endswith("| 0.75 ✓ (goal ≤0.8) | 0.50 |")  # whole-process peak 1.5/2; added by training 0.5/1
+
+
+def test_flop_count_of_a_known_graph():
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5)
+    assert bench.count_flops(lambda: conv(x)) == 2 * 2 * 8 * 4 * 9 * 25
+    q = torch.randn(1, 2, 6, 4)
+    assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == 4 * 2 * 6 * 6 * 4
+
+
+def test_training_memory_subprocess(sides, tmp_path):
+    _, path = bench.build_models(TINY, sides[:1], tmp_path)
+    result = bench.train_memory(sides[1], path, torch.device("cpu"), "fp32", batch=2, steps=2)
+    assert len(result["times"]) == 2 and all(positive(t) for t in result["times"])
+    # A fresh process: its peak is its own (well below this test process's, which holds torch, diffusers, ...).
+    assert result["peak_rss"] >= result["rss_before"] > 50 * 2**20
+
+
+def test_output_match_check_fails_when_weights_differ(sides, tmp_path):
+    models, _ = bench.build_models(TINY, sides, tmp_path)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    assert bench.verify_match(models["diffusers"], models["ddpm"], x, t) < 1e-4
+    with torch.no_grad():
+        next(models["ddpm"].parameters()).add_(0.1)
+    with pytest.raises(bench.OutputMismatch):
+        bench.verify_match(models["diffusers"], models["ddpm"], x, t)
+
+
+def test_bf16_precision_runs_matmuls_in_bf16():
+    ctx = bench.autocast(torch.device("cpu"), "bf16")
+    with ctx():
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == torch.bfloat16
+    with bench.autocast(torch.device("cpu"), "fp32")():
+        assert torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        bench.autocast(torch.device("cpu"), "fp8")
+
+
+def test_interleaved_timing_alternates_order():
+    calls = []
+    times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())
