@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -81,3 +82,22 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{key}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """A TypeError or ValueError naming ``key`` unless ``value`` is an int >= ``minimum`` (or None if optional)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key}={value!r} must be an integer{' or None' if optional else ''}")
+    if value < minimum:
+        raise ValueError(f"{key}={value} must be at least {minimum}")
+
+
+def check_number(key: str, value: Any) -> float:
+    """``value`` if it is a finite int or float; else a TypeError or ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key}={value!r} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value} must be finite")
+    return value

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ddpm import data, metrics
 from ddpm.cli import CLIError, add_debug_flag, check_sampling_flags, pick_device, run
 from ddpm.pipeline import Pipeline
-from ddpm.schedulers import DDIMScheduler, DDPMScheduler
+from ddpm.sample import open_pipeline
 
 # At most this many real images are loaded: the default extractor trains on half of them, the reference images
 # are drawn from the other half.
@@ -170,16 +170,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.extractor_steps < 1:
         raise CLIError(f"--extractor_steps {config.extractor_steps} must be at least 1")
     device = pick_device(config.device)
-    pipe = Pipeline.from_pretrained(config.model)
-    if config.scheduler is not None:
-        cls = DDIMScheduler if config.scheduler == "ddim" else DDPMScheduler
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    steps = config.num_inference_steps
-    if steps is None:
-        steps = 50 if isinstance(pipe.scheduler, DDIMScheduler) else pipe.scheduler.num_train_timesteps
-    if not 1 <= steps <= pipe.scheduler.num_train_timesteps:
-        raise CLIError(f"--num_inference_steps {steps} must be between 1 and the model's "
-                       f"num_train_timesteps ({pipe.scheduler.num_train_timesteps})")
+    pipe, steps = open_pipeline(config.model, config.scheduler, config.num_inference_steps)
     size = pipe.unet.config.sample_size
     if not isinstance(size, int):
         raise CLIError(f"the model's sample_size {size} is not square; ddpm.evaluate needs square images")

@@ -38,22 +38,30 @@ class SampleConfig:
     device: str | None = None
 
 
+def open_pipeline(model: str, scheduler: Literal["ddpm", "ddim"] | None,
+                  num_inference_steps: int | None) -> tuple[Pipeline, int]:
+    """The pipeline at ``model`` with ``--scheduler`` swapped in, and the checked number of sampling steps
+    (default: 50 for DDIM, ``num_train_timesteps`` for DDPM). Shared by ``ddpm.sample`` and ``ddpm.evaluate``."""
+    pipe = Pipeline.from_pretrained(model)
+    if scheduler is not None:
+        cls = DDIMScheduler if scheduler == "ddim" else DDPMScheduler
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    steps = num_inference_steps
+    if steps is None:
+        steps = 50 if isinstance(pipe.scheduler, DDIMScheduler) else pipe.scheduler.num_train_timesteps
+    if not 1 <= steps <= pipe.scheduler.num_train_timesteps:
+        raise CLIError(f"--num_inference_steps {steps} must be between 1 and the model's "
+                       f"num_train_timesteps ({pipe.scheduler.num_train_timesteps})")
+    return pipe, steps
+
+
 def sample(config: SampleConfig) -> Path:
     """Sample ``config.num_images`` images; write ``grid.png`` and ``00000.png``... into ``config.output``."""
     if config.num_images < 1 or config.batch_size < 1:
         raise CLIError("--num_images and --batch_size must be at least 1")
     check_sampling_flags(config.eta, config.seed, config.num_images)
     device = pick_device(config.device)
-    pipe = Pipeline.from_pretrained(config.model)
-    if config.scheduler is not None:
-        cls = DDIMScheduler if config.scheduler == "ddim" else DDPMScheduler
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    steps = config.num_inference_steps
-    if steps is None:
-        steps = 50 if isinstance(pipe.scheduler, DDIMScheduler) else pipe.scheduler.num_train_timesteps
-    if not 1 <= steps <= pipe.scheduler.num_train_timesteps:
-        raise CLIError(f"--num_inference_steps {steps} must be between 1 and the model's "
-                       f"num_train_timesteps ({pipe.scheduler.num_train_timesteps})")
+    pipe, steps = open_pipeline(config.model, config.scheduler, config.num_inference_steps)
     pipe.to(device)
 
     out = Path(config.output)

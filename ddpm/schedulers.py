@@ -10,7 +10,6 @@ sync (see ``_timestep_int``). Deliberate differences from diffusers are listed i
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from ddpm import schedule as S
 from ddpm.checkpoint import SCHEDULER_CONFIG_NAME, resolve_file
-from ddpm.config import check_choice, config_from_dict, config_to_dict, read_json, write_json
+from ddpm.config import check_choice, check_int, check_number, config_from_dict, config_to_dict, read_json, write_json
 
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 Timestep = Union[int, Tensor]
@@ -85,7 +84,7 @@ AnyConfig = Union[DDPMSchedulerConfig, DDIMSchedulerConfig]
 
 
 def _validate(c: AnyConfig) -> None:
-    _check_int("num_train_timesteps", c.num_train_timesteps, minimum=1)
+    check_int("num_train_timesteps", c.num_train_timesteps, minimum=1)
     check_choice("beta_schedule", c.beta_schedule, S.BETA_SCHEDULES)
     check_choice("prediction_type", c.prediction_type, S.PREDICTION_TYPES)
     check_choice("timestep_spacing", c.timestep_spacing, S.TIMESTEP_SPACINGS)
@@ -97,7 +96,7 @@ def _validate(c: AnyConfig) -> None:
             raise TypeError(f"{key}={getattr(c, key)!r} must be True or False")
     # β_t in (0, 1) keeps every ᾱ_t in (0, 1): 1 − ᾱ_t = 0 would divide 0 by 0 in the last step's posterior
     # (Eq. 7 of Ho et al.), and β_t = 1 would zero ᾱ from t on. float32 is what the schedule is stored in.
-    start, end = _check_number("beta_start", c.beta_start), _check_number("beta_end", c.beta_end)
+    start, end = check_number("beta_start", c.beta_start), check_number("beta_end", c.beta_end)
     if c.trained_betas is not None:
         if isinstance(c.trained_betas, list):
             object.__setattr__(c, "trained_betas", tuple(c.trained_betas))
@@ -107,7 +106,7 @@ def _validate(c: AnyConfig) -> None:
             raise ValueError(f"trained_betas has {len(c.trained_betas)} values but num_train_timesteps="
                              f"{c.num_train_timesteps}")
         for i, b in enumerate(c.trained_betas):
-            if not 0 < _check_number(f"trained_betas[{i}]", b) < 1 or np.float32(1) - np.float32(b) == 1:
+            if not 0 < check_number(f"trained_betas[{i}]", b) < 1 or np.float32(1) - np.float32(b) == 1:
                 raise ValueError(f"trained_betas[{i}]={b} must be in (0, 1) (and at least 1e-7: 1 - beta must "
                                  f"differ from 1 in float32)")
     elif c.beta_schedule != "squaredcos_cap_v2":  # the cosine schedule does not use beta_start/beta_end
@@ -116,31 +115,16 @@ def _validate(c: AnyConfig) -> None:
                              f"(and beta_start >= 1e-7: 1 - beta_start must differ from 1 in float32)")
     if c.rescale_betas_zero_snr and c.num_train_timesteps < 2:  # Lin et al. 2023 shift ᾱ_1..ᾱ_T: needs two
         raise ValueError(f"rescale_betas_zero_snr=True needs num_train_timesteps >= 2, got {c.num_train_timesteps}")
-    _check_int("steps_offset", c.steps_offset, minimum=0)
+    check_int("steps_offset", c.steps_offset, minimum=0)
     if c.steps_offset >= c.num_train_timesteps:
         raise ValueError(f"steps_offset={c.steps_offset} must be less than num_train_timesteps="
                          f"{c.num_train_timesteps}")
-    if not 0 < _check_number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio) <= 1:
+    if not 0 < check_number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio) <= 1:
         raise ValueError(f"dynamic_thresholding_ratio={c.dynamic_thresholding_ratio!r} must be in (0, 1]")
     for key in ("clip_sample_range", "sample_max_value"):
-        if _check_number(key, getattr(c, key)) <= 0:
+        if check_number(key, getattr(c, key)) <= 0:
             raise ValueError(f"{key}={getattr(c, key)} must be positive")
 
-
-def _check_int(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key}={value!r} must be an integer")
-    if value < minimum:
-        raise ValueError(f"{key}={value} must be at least {minimum}")
-
-
-def _check_number(key: str, value: Any) -> float:
-    """``value`` if it is a finite int or float; else a TypeError or ValueError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{key}={value!r} must be a number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{key}={value} must be finite")
-    return value
 
 
 def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> Tensor:

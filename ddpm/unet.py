@@ -12,7 +12,6 @@ learned) embedding and a two-layer MLP.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from ddpm import checkpoint
 from ddpm.blocks import (DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DownBlock, MidBlock, SkipDownBlock, SkipUpBlock,
                          UpBlock, canonical_block_type)
-from ddpm.config import check_choice, config_from_dict, config_to_dict, read_json, write_json
+from ddpm.config import check_choice, check_int, check_number, config_from_dict, config_to_dict, read_json, write_json
 from ddpm.layers import (ACTIVATIONS, Conv2d, GaussianFourierEmbedding, SinusoidalTimestepEmbedding,
                          TimestepEmbedding, norm_act_conv)
 
@@ -129,31 +128,31 @@ class UNetConfig:
     def _check_values(self) -> None:
         # Each value on its own: its type and range. The checks in __post_init__ then combine them.
         for key in ("in_channels", "out_channels", "layers_per_block"):
-            _check_int(key, getattr(self, key), minimum=1)
+            check_int(key, getattr(self, key), minimum=1)
         for key in ("time_embedding_dim", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups",
                     "num_class_embeds", "num_train_timesteps"):
-            _check_int(key, getattr(self, key), minimum=1, optional=True)
+            check_int(key, getattr(self, key), minimum=1, optional=True)
         for i, c in enumerate(self.block_out_channels):
-            _check_int(f"block_out_channels[{i}]", c, minimum=1)
+            check_int(f"block_out_channels[{i}]", c, minimum=1)
         if isinstance(self.sample_size, tuple):
             if len(self.sample_size) != 2:
                 raise ValueError(f"sample_size={self.sample_size} must be an integer or a (height, width) pair")
             for s in self.sample_size:
-                _check_int("sample_size", s, minimum=1)
+                check_int("sample_size", s, minimum=1)
         else:
-            _check_int("sample_size", self.sample_size, minimum=1, optional=True)
-        _check_int("downsample_padding", self.downsample_padding, minimum=0)
+            check_int("sample_size", self.sample_size, minimum=1, optional=True)
+        check_int("downsample_padding", self.downsample_padding, minimum=0)
         if self.downsample_padding > 1:
             raise ValueError(f"downsample_padding={self.downsample_padding} is not supported; choose 1, or 0 for "
                              f"the original DDPM's asymmetric padding")
         for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"{key}={getattr(self, key)!r} must be True or False")
-        _check_number("freq_shift", self.freq_shift)
+        check_number("freq_shift", self.freq_shift)
         for key in ("mid_block_scale_factor", "norm_eps"):
-            if _check_number(key, getattr(self, key)) <= 0:
+            if check_number(key, getattr(self, key)) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be positive")
-        if not 0 <= _check_number("dropout", self.dropout) <= 1:
+        if not 0 <= check_number("dropout", self.dropout) <= 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1]")
 
     def _check_attention(self) -> None:
@@ -227,24 +226,6 @@ class UNetConfig:
         norms.append(("the output head", ch[0], self.groups_for(ch[0]), plain))
         return norms
 
-
-def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
-    """A TypeError or ValueError naming ``key`` unless ``value`` is an int >= ``minimum`` (or None if optional)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key}={value!r} must be an integer{' or None' if optional else ''}")
-    if value < minimum:
-        raise ValueError(f"{key}={value} must be at least {minimum}")
-
-
-def _check_number(key: str, value: Any) -> float:
-    """``value`` if it is a finite int or float; else a TypeError or ValueError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{key}={value!r} must be a number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{key}={value} must be finite")
-    return value
 
 
 def _check_sample_shape(config: UNetConfig, shape: torch.Size) -> None:
