@@ -1,5 +1,5 @@
 """ddpm.metrics and ``python -m ddpm.evaluate``: closed-form checks of the statistics, sanity checks on real
-data (the UCI digits in ../shared/data) that show the metric can fail, user-supplied extractors, and the CLI.
+data (the UCI digits in tests/data) that show the metric can fail, user-supplied extractors, and the CLI.
 
 The digits are split 900 (the extractor's training images, the reference) / 897 (held out). Figures measured
 with the library default, a 64-d classifier trained 1000 steps: held-out real FID 2.6 (P 0.87, R 0.93); noisy
@@ -24,7 +24,7 @@ from ddpm import DDPMScheduler, Pipeline, UNet, evaluate
 from ddpm import metrics as M
 from ddpm.cli import run
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 # ---- closed form ---------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_bad_feature_sets_are_named(case):
 
 @pytest.fixture(scope="module")
 def digits():
-    raw = np.loadtxt(gzip.open(DATA / "digits" / "digits.csv.gz"), delimiter=",")
+    raw = np.loadtxt(gzip.open(DATA / "digits.csv.gz"), delimiter=",")
     images = torch.tensor(raw[:, :64], dtype=torch.float32).reshape(-1, 1, 8, 8) / 8 - 1  # 0..16 -> [-1, 1]
     labels = torch.tensor(raw[:, 64], dtype=torch.long)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
