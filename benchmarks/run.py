@@ -90,10 +90,11 @@ class Plan:
     conv_peak_batch: int = 16
     compile: bool = False
     profile: bool = True
-    timed: bool = True  # False: only verify and profile
+    cases: tuple[str, ...] = ("unet", "memory", "scheduler", "sampling")  # a subset of CASES
     profile_batches: tuple[int, ...] = (1, 8)
 
 
+CASES = ("unet", "memory", "scheduler", "sampling")
 FULL = Plan(configs=tuple(CONFIGS), precisions=("fp32", "bf16"))
 QUICK = Plan(configs=("butterflies-32",), precisions=("fp32", "bf16"), forward_batches=(1, 8), repeats=3,
              warmup=1, memory_steps=2, sampling=(("ddim", 10), ("ddpm", 20)), sampling_repeats=(2, 1),
@@ -329,7 +330,7 @@ class Report:
 
 
 def fmt_time(seconds: float) -> str:
-    return f"{seconds * 1e3:.4g} ms" if seconds < 1 else f"{seconds:.3g} s"
+    return f"{seconds * 1e3:.4g} ms" if seconds < 1 else f"{seconds:.4g} s"
 
 
 def fmt_times(times: list[float]) -> str:
@@ -613,7 +614,7 @@ def run_benchmark(plan: Plan, sides: list[Side], device: torch.device, configs: 
     with contextlib.ExitStack() as stack:
         root = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddpm-bench-")))
         kept: dict[str, dict[str, nn.Module]] = {}
-        for precision in plan.precisions if plan.timed else []:
+        for precision in plan.precisions if "unet" in plan.cases else []:
             report.peaks[precision] = conv_peak(device, precision, plan.conv_peak_batch, max(plan.repeats, 3))
             log(f"conv peak {precision}: {report.peaks[precision]:.0f} GFLOP/s")
         for name in plan.configs:
@@ -648,29 +649,31 @@ def run_benchmark(plan: Plan, sides: list[Side], device: torch.device, configs: 
                 report.profile += profile_section(name, models, sides, plan, device, inputs)
                 log(f"{name} profiled")
                 progress(report)
-            for precision in plan.precisions if plan.timed else []:
-                report.rows += unet_rows(name, models, sides, plan, device, precision, flops, inputs, log)
-                progress(report)
-                if plan.compile:
+            for precision in plan.precisions:
+                if "unet" in plan.cases:
+                    report.rows += unet_rows(name, models, sides, plan, device, precision, flops, inputs, log)
+                    progress(report)
+                if "unet" in plan.cases and plan.compile:
                     report.rows += compile_rows(name, models, sides, plan, device, precision, flops, inputs, log)
-                for side in sides if plan.memory_steps else []:
+                for side in sides if "memory" in plan.cases and plan.memory_steps else []:
                     result = train_memory(side, path, device, precision, plan.train_batch, plan.memory_steps)
                     report.memory.append({"config": name, "precision": precision, "side": side.name, **result})
                     log(f"{name} {precision} training-step memory, {side.name}: peak "
                         f"{report.memory[-1]['peak_rss'] / 2**30:.3f} GiB")
                 progress(report)
-            if name in plan.sampling_configs:
+            if name in plan.sampling_configs and "sampling" in plan.cases:
                 kept[name] = models  # sampled last: the long runs should not hold up the other cases
             del models
-        if plan.timed:
+        if "scheduler" in plan.cases:
             report.rows += scheduler_rows(sides, plan, device)
-            log("scheduler loops")
-            for (name, models), precision in ((kv, p) for kv in kept.items() for p in plan.precisions):
-                rows, summaries = sampling_rows(models, sides, plan, device, precision, name, log)
-                report.rows += rows
-                report.sampling += summaries
-                progress(report)
-            for precision in plan.precisions:  # again at the end: the ceiling is the better of the two
+            log("scheduler loops: " + "; ".join(summary(r, sides) for r in report.rows if r.case.startswith("sch")))
+            progress(report)
+        for (name, models), precision in ((kv, p) for kv in kept.items() for p in plan.precisions):
+            rows, summaries = sampling_rows(models, sides, plan, device, precision, name, log)
+            report.rows += rows
+            report.sampling += summaries
+            progress(report)
+        for precision in plan.precisions if "unet" in plan.cases else []:  # again: the ceiling is the better
                 again = conv_peak(device, precision, plan.conv_peak_batch, max(plan.repeats, 3))
                 report.notes.append(f"conv peak {precision}: {report.peaks[precision]:.0f} GFLOP/s at the start, "
                                     f"{again:.0f} at the end; the table uses the higher")
@@ -926,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.profiler tables (default: on in a full run, off with --quick)")
     parser.add_argument("--sampling", help="sampling runs as kind:steps[:repeats], e.g. ddim:50:3,ddpm:1000:1")
+    parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)} (default: all)")
     parser.add_argument("--profile-only", action="store_true", help="verify and profile, time nothing")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="add torch.compile cases (default: on with --device cuda)")
@@ -944,6 +948,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in precisions:
         if p not in available:
             raise SystemExit(f"--precisions: {p!r} is not supported on {device} (supported: {', '.join(available)})")
+    for case in args.cases.split(",") if args.cases else []:
+        if case not in CASES:
+            raise SystemExit(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
     configs = tuple(args.configs.split(",")) if args.configs else plan.configs
     for c in configs:
         if c not in CONFIGS:
@@ -952,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
                    sampling_configs=tuple(c for c in plan.sampling_configs if c in configs),
                    repeats=args.repeats or plan.repeats,
                    profile=args.profile_only or (plan.profile if args.profile is None else args.profile),
-                   timed=not args.profile_only,
+                   cases=() if args.profile_only else tuple(args.cases.split(",")) if args.cases else plan.cases,
                    compile=device.type == "cuda" if args.compile is None else args.compile)
     if args.sampling:
         runs = [part.split(":") for part in args.sampling.split(",")]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -44,26 +44,6 @@ UP_BLOCK_TYPES: dict[str, tuple[bool, BlockKind | None]] = {
 def canonical_block_type(name: str) -> str:
     """diffusers accepts "UNetResDownBlock2D" for "DownBlock2D" (and so on); so do we."""
     return name[len("UNetRes"):] if name.startswith("UNetRes") else name
-
-
-class _ConcatSkip(torch.autograd.Function):
-    """``torch.cat([x, skip], dim=1)`` whose backward pass hands ``skip`` its gradient as a compact copy. A slice
-    (what torch.cat's backward returns) keeps the whole concatenated gradient alive until the down path's backward
-    pass reaches the skip, so every up layer's input gradient would be held at once."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, skip: Tensor) -> Tensor:
-        ctx.split = x.shape[1]
-        return torch.cat([x, skip], dim=1)  # (N, C_x + C_skip, H, W)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        skip_grad = grad[:, ctx.split:]
-        return grad[:, :ctx.split], skip_grad.contiguous(memory_format=torch.channels_last)
-
-
-def concat_skip(x: Tensor, skip: Tensor) -> Tensor:
-    return cast(Tensor, _ConcatSkip.apply(x, skip))
 
 
 def _run(enabled: bool, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
@@ -148,8 +128,7 @@ class UpBlock(nn.Module):
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor) -> Tensor:
         ckpt = self.gradient_checkpointing
         for i, resnet in enumerate(self.resnets):
-            x = concat_skip(x, skips.pop())  # (N, C_x + C_skip, H, W)
-            x = _run(ckpt, resnet, x, temb)
+            x = _run(ckpt, resnet, x, temb, skips.pop())  # on the concatenation [x, skip]
             if len(self.attentions):
                 x = _run(ckpt, self.attentions[i], x)
         if self.upsamplers is not None:
@@ -270,7 +249,7 @@ class SkipUpBlock(nn.Module):
                 skip_sample: Tensor | None) -> tuple[Tensor, Tensor | None]:
         ckpt = self.gradient_checkpointing
         for resnet in self.resnets:
-            x = _run(ckpt, resnet, concat_skip(x, skips.pop()), temb)
+            x = _run(ckpt, resnet, x, temb, skips.pop())  # on the concatenation [x, skip]
         if len(self.attentions):
             x = _run(ckpt, self.attentions[0], x)
         if skip_sample is not None:
