@@ -97,12 +97,13 @@ class Pipeline:
         image = draw_noise(shape, generator, self.device, self.dtype)  # x_T ~ N(0, I)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
-            model_output = self.unet(image, t).sample
-            if isinstance(self.scheduler, DDIMScheduler):
-                image = self.scheduler.step(model_output, t, image, eta=eta, generator=generator).prev_sample
-            else:
-                image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        with self.unet.frozen_weights():  # the weights do not change during the loop
+            for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
+                model_output = self.unet(image, t).sample
+                if isinstance(self.scheduler, DDIMScheduler):
+                    image = self.scheduler.step(model_output, t, image, eta=eta, generator=generator).prev_sample
+                else:
+                    image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
         image = to_unit_range(image)
         images: Any = image

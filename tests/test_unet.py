@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from ddpm import kernels
 from ddpm.unet import UNet, UNetConfig, UNetOutput
 
 TINY: dict[str, Any] = dict(
@@ -155,6 +157,59 @@ def test_output_layout_follows_input_layout(in_channels: int) -> None:
         assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
     torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_nchw_weights, out, rtol=1e-5, atol=1e-6)
+
+
+# --- frozen_weights(): prepacked convolution weights at inference --------------------------------------------------
+
+def test_frozen_weights_match_plain_calls_and_see_weight_updates() -> None:
+    unet, twin = tiny_unet(seed=3).eval(), tiny_unet(seed=3).eval()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = unet(x, 5).sample
+        with unet.frozen_weights():
+            frozen = unet(x, 5).sample
+            packed = dict(kernels._FROZEN[-1])
+            assert packed, "nothing was prepacked"
+            with unet.frozen_weights():  # nested blocks share the cache
+                assert kernels._FROZEN[-1] is kernels._FROZEN[0]
+            # in-place updates bump the version counters: an optimizer-like step and a load_state_dict
+            for p in unet.parameters():
+                p.mul_(1.5)
+            stepped = unet(x, 5).sample
+            unet.load_state_dict(tiny_unet(seed=4).state_dict())
+            loaded = unet(x, 5).sample
+        assert not kernels._FROZEN  # released at the end of the block
+        for p in twin.parameters():
+            p.mul_(1.5)
+        stepped_plain = twin(x, 5).sample
+        loaded_plain = tiny_unet(seed=4).eval()(x, 5).sample
+    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped, stepped_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded, loaded_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weights_under_bf16_autocast_and_with_grad() -> None:
+    unet = tiny_unet(seed=5).eval()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = unet(x, 9).sample
+        with unet.frozen_weights():
+            frozen = unet(x, 9).sample
+            assert any(p[0].dtype == torch.bfloat16 for _, p in kernels._FROZEN[-1].values())
+    torch.testing.assert_close(frozen, plain, rtol=2e-2, atol=2e-2)
+    with unet.frozen_weights():  # with autograd on, nothing is prepacked and gradients flow
+        unet(x, 9).sample.sum().backward()
+        assert not kernels._FROZEN[-1]
+    assert all(p.grad is not None for p in unet.conv_in.parameters())
+
+
+def test_model_copies_after_frozen_use() -> None:
+    unet = tiny_unet(seed=6).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), unet.frozen_weights():
+        out = unet(x, 2).sample
+        twin = copy.deepcopy(unet)  # the cache lives outside the module: nothing unpicklable on it
+        torch.testing.assert_close(twin(x, 2).sample, out)
 
 
 def test_dtype_and_device_properties() -> None:

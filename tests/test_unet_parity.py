@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from ddpm import kernels
 from ddpm.unet import UNet, UNetConfig
 
 REL_TOL = 1e-4
@@ -134,6 +135,15 @@ def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
             got = ours(sample, t, class_labels=labels).sample
         assert got.shape == expected.shape
         assert rel_err(got, expected) <= REL_TOL, (name, t)
+
+    # Batch 1 inside frozen_weights(): convolutions on prepacked weights (ddpm/kernels.py), same reference.
+    t1, labels1 = timesteps[-1][:1], labels[:1] if labels is not None else None
+    with torch.no_grad():
+        expected = ref(sample[:1], t1, class_labels=labels1).sample
+        with ours.frozen_weights():
+            got = ours(sample[:1], t1, class_labels=labels1).sample
+            assert kernels._FROZEN[-1], "no convolution took a prepacked weight"
+    assert rel_err(got, expected) <= REL_TOL, (name, "frozen_weights, batch 1")
 
     # Gradients of a fixed linear functional of the output, per-sample timesteps, for every named parameter.
     weight = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
