@@ -55,6 +55,37 @@ def _run(enabled: bool, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
     return fn(*args)
 
 
+def _level(in_widths: list[int], channels: int, temb_channels: int, attention: bool, head_dim: int,
+           res: dict[str, Any]) -> tuple[nn.ModuleList, nn.ModuleList]:
+    # One ResNet block per input width, each followed by attention when asked. Registered as diffusers does
+    # (attentions, then resnets, then the resampler), so state dicts list alike.
+    attentions = nn.ModuleList(Attention(channels, head_dim, res["groups"], res["eps"])
+                               for _ in range(len(in_widths) if attention else 0))
+    return attentions, nn.ModuleList(ResnetBlock2D(w, channels, temb_channels, **res) for w in in_widths)
+
+
+def _resampler(kind: Resampling | None, direction: Literal["up", "down"], channels: int, temb_channels: int,
+               res: dict[str, Any], conv: Callable[[], nn.Module]) -> nn.ModuleList | None:
+    # diffusers' "downsamplers"/"upsamplers" list: Downsample2D/Upsample2D ("conv"), or a ResNet block that
+    # resamples inside (downsample_type/upsample_type "resnet")
+    if kind == "conv":
+        return nn.ModuleList([conv()])
+    if kind == "resnet":
+        return nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, resample=direction, **res)])
+    return None
+
+
+def _down_layers(block: DownBlock | SkipDownBlock, x: Tensor, temb: Tensor) -> tuple[Tensor, list[Tensor]]:
+    # Each ResNet block (then its attention, if any) in turn; every output is a skip connection for the up path
+    residuals = []
+    for i, resnet in enumerate(block.resnets):
+        x = _run(block.gradient_checkpointing, resnet, x, temb)
+        if len(block.attentions):
+            x = _run(block.gradient_checkpointing, block.attentions[i], x)
+        residuals.append(x)
+    return x, residuals
+
+
 class DownBlock(nn.Module):
     """``layers`` ResNet blocks (+ attention) then an optional downsampler: ``[N, C_in, H, W] -> [N, C, H/2, W/2]``.
 
@@ -68,28 +99,14 @@ class DownBlock(nn.Module):
         res: dict[str, Any] = dict(groups=groups, eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift,
                                    dropout=dropout)
         self.gradient_checkpointing = False
-        # Registration order (attentions, resnets, resampler) follows diffusers, so state dicts list alike.
-        self.attentions = nn.ModuleList(
-            Attention(out_channels, head_dim, groups, eps) for _ in range(layers if attention else 0))
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, **res)
-            for i in range(layers))
+        widths = [in_channels if i == 0 else out_channels for i in range(layers)]
+        self.attentions, self.resnets = _level(widths, out_channels, temb_channels, attention, head_dim, res)
         self.downsample = downsample
-        self.downsamplers: nn.ModuleList | None = None
-        if downsample == "conv":
-            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
-        elif downsample == "resnet":
-            self.downsamplers = nn.ModuleList(
-                [ResnetBlock2D(out_channels, out_channels, temb_channels, resample="down", **res)])
+        self.downsamplers = _resampler(downsample, "down", out_channels, temb_channels, res,
+                                       lambda: Downsample2D(out_channels, padding=downsample_padding))
 
     def forward(self, x: Tensor, temb: Tensor) -> tuple[Tensor, list[Tensor]]:
-        ckpt = self.gradient_checkpointing
-        residuals = []
-        for i, resnet in enumerate(self.resnets):
-            x = _run(ckpt, resnet, x, temb)
-            if len(self.attentions):
-                x = _run(ckpt, self.attentions[i], x)
-            residuals.append(x)
+        x, residuals = _down_layers(self, x, temb)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x, temb) if self.downsample == "resnet" else self.downsamplers[0](x)
             residuals.append(x)
@@ -111,19 +128,12 @@ class UpBlock(nn.Module):
         res: dict[str, Any] = dict(groups=groups, eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift,
                                    dropout=dropout)
         self.gradient_checkpointing = False
-        self.attentions = nn.ModuleList(
-            Attention(out_channels, head_dim, groups, eps) for _ in range(layers if attention else 0))
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D((prev_channels if i == 0 else out_channels)
-                          + (in_channels if i == layers - 1 else out_channels), out_channels, temb_channels, **res)
-            for i in range(layers))
+        widths = [(prev_channels if i == 0 else out_channels) + (in_channels if i == layers - 1 else out_channels)
+                  for i in range(layers)]  # [x, skip] concatenations
+        self.attentions, self.resnets = _level(widths, out_channels, temb_channels, attention, head_dim, res)
         self.upsample = upsample
-        self.upsamplers: nn.ModuleList | None = None
-        if upsample == "conv":
-            self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
-        elif upsample == "resnet":
-            self.upsamplers = nn.ModuleList(
-                [ResnetBlock2D(out_channels, out_channels, temb_channels, resample="up", **res)])
+        self.upsamplers = _resampler(upsample, "up", out_channels, temb_channels, res,
+                                     lambda: Upsample2D(out_channels))
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor) -> Tensor:
         ckpt = self.gradient_checkpointing
@@ -195,13 +205,7 @@ class SkipDownBlock(nn.Module):
             self.skip_conv = Conv2d(3, out_channels, kernel_size=1)  # 3: the RGB image path
 
     def forward(self, x: Tensor, temb: Tensor, skip: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        ckpt = self.gradient_checkpointing
-        residuals = []
-        for i, resnet in enumerate(self.resnets):
-            x = _run(ckpt, resnet, x, temb)
-            if len(self.attentions):
-                x = _run(ckpt, self.attentions[i], x)
-            residuals.append(x)
+        x, residuals = _down_layers(self, x, temb)
         if self.resnet_down is not None and self.skip_conv is not None:
             x = self.resnet_down(x, temb)
             skip = fir_downsample(skip)  # (N, 3, H/2, W/2)

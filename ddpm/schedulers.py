@@ -37,13 +37,13 @@ class SchedulerOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class DDPMSchedulerConfig:
+class _SchedulerConfig:
+    """The ``scheduler_config.json`` keys both schedulers share: diffusers' names and defaults."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: S.BetaSchedule = "linear"
     trained_betas: tuple[float, ...] | None = None
-    variance_type: S.VarianceType = "fixed_small"
     clip_sample: bool = True
     prediction_type: S.PredictionType = "epsilon"
     thresholding: bool = False
@@ -59,31 +59,19 @@ class DDPMSchedulerConfig:
 
 
 @dataclass(frozen=True)
-class DDIMSchedulerConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: S.BetaSchedule = "linear"
-    trained_betas: tuple[float, ...] | None = None
-    clip_sample: bool = True
-    set_alpha_to_one: bool = True
-    steps_offset: int = 0
-    prediction_type: S.PredictionType = "epsilon"
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    timestep_spacing: S.TimestepSpacing = "leading"
-    rescale_betas_zero_snr: bool = False
+class DDPMSchedulerConfig(_SchedulerConfig):
+    variance_type: S.VarianceType = "fixed_small"
 
-    def __post_init__(self) -> None:
-        _validate(self)
+
+@dataclass(frozen=True)
+class DDIMSchedulerConfig(_SchedulerConfig):
+    set_alpha_to_one: bool = True
 
 
 AnyConfig = Union[DDPMSchedulerConfig, DDIMSchedulerConfig]
 
 
-def _validate(c: AnyConfig) -> None:
+def _validate(c: _SchedulerConfig) -> None:
     check_int("num_train_timesteps", c.num_train_timesteps, minimum=1)
     check_choice("beta_schedule", c.beta_schedule, S.BETA_SCHEDULES)
     check_choice("prediction_type", c.prediction_type, S.PREDICTION_TYPES)
@@ -304,6 +292,12 @@ class _Scheduler:
         return f"{type(self).__name__}({self.config})"
 
 
+def _arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    # A constructor's keyword arguments (its locals() on entry) as config fields: the betas as a tuple of floats
+    fields = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+    return {**fields, "trained_betas": _betas_tuple(fields["trained_betas"])}
+
+
 def _betas_tuple(trained_betas: Any) -> tuple[float, ...] | None:
     # A list, array or tensor of β_t as the config's tuple of Python floats (their values are checked by _validate)
     if trained_betas is None:
@@ -337,10 +331,7 @@ class DDPMScheduler(_Scheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: S.TimestepSpacing = "leading",
                  steps_offset: int = 0, rescale_betas_zero_snr: bool = False) -> None:
-        self._build(DDPMSchedulerConfig(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, _betas_tuple(trained_betas), variance_type,
-            clip_sample, prediction_type, thresholding, dynamic_thresholding_ratio, clip_sample_range,
-            sample_max_value, timestep_spacing, steps_offset, rescale_betas_zero_snr))
+        self._build(DDPMSchedulerConfig(**_arguments(locals())))
         self.variance_type = variance_type
 
     def _coefficients(self, t: int) -> S.DDPMCoefficients:
@@ -411,10 +402,7 @@ class DDIMScheduler(_Scheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: S.TimestepSpacing = "leading",
                  rescale_betas_zero_snr: bool = False) -> None:
-        self._build(DDIMSchedulerConfig(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, _betas_tuple(trained_betas), clip_sample,
-            set_alpha_to_one, steps_offset, prediction_type, thresholding, dynamic_thresholding_ratio,
-            clip_sample_range, sample_max_value, timestep_spacing, rescale_betas_zero_snr))
+        self._build(DDIMSchedulerConfig(**_arguments(locals())))
         # ᾱ "before" the last step: 1 (a clean x_0) or ᾱ_0 (Sec. 4.2 of Song et al. leaves it open)
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
 
