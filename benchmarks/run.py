@@ -436,7 +436,7 @@ def unet_rows(name: str, models: dict[str, nn.Module], sides: list[Side], plan: 
         rows.append(Row(f"{name} forward b{batch}", precision, times, flops_per_image["forward"] * batch, 1.2))
         log(summary(rows[-1], sides))
         ours = [m for s in sides if s.library == DDPM for m in [models[s.name]]]
-        if batch == 1 and ours:
+        if ours:
             # A sampling loop's calls: ddpm inside one frozen_weights() block (what its Pipeline does), so each
             # convolution weight is reordered for oneDNN once. diffusers is untouched by it.
             with ours[0].frozen_weights():

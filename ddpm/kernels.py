@@ -78,11 +78,12 @@ def conv2d(x: Tensor, weight: Tensor | WeightFn, bias: Tensor | None = None, str
 # load_state_dict) bumps the parameter's version and is picked up.
 
 Packed = tuple[Tensor, "Tensor | None", torch.dtype]
-# Only batch-1 convolutions over at most 16x16 pixels use them: there the reorder is up to half the call. At batch 8
-# the reorder is a few per cent of the work, and prepacking even the 4x4 convolutions made the whole forward 5-10%
-# slower, with 4,700-7,600 extra minor page faults per butterflies-32 forward in ops far from the convolutions (the
-# C library returning heap to the system and faulting it back; measured, not explained further).
-_FROZEN_PIXELS = 256
+# Only convolutions over at most this many pixels (N*H*W) use them: the reorder costs in proportion to the weight,
+# the convolution in proportion to N*H*W times the weight. Measured, butterflies-32, ddpm with/without, interleaved
+# in one process: batch 1 forward 1.37x faster, batch 8 1.05-1.07x (its 4x4 and 8x8 levels), batch 32 1.01x. On
+# larger maps the gain is a few per cent of the call at best, and each prepacked weight is one more long-lived
+# allocation (glibc's heap trimming, and so the page faults of every later op, shifted with them in experiments).
+_FROZEN_PIXELS = 512
 _FROZEN: list[dict[tuple[Any, ...], tuple[tuple[Any, ...], Packed]]] = []  # the innermost open block's cache
 
 
@@ -100,7 +101,7 @@ def frozen_weights() -> Iterator[None]:
 def _prepacks(x: Tensor) -> bool:
     # Whether a convolution of x takes a prepacked weight (see _FROZEN_PIXELS); x: (N, C, H, W)
     return (bool(_FROZEN) and not torch.is_grad_enabled()
-            and x.shape[0] == 1 and x.shape[2] * x.shape[3] <= _FROZEN_PIXELS)
+            and x.shape[0] * x.shape[2] * x.shape[3] <= _FROZEN_PIXELS)
 
 
 def _frozen(x: Tensor, stride: int, padding: int, key: FrozenKey | None,

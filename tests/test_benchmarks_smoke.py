@@ -41,7 +41,8 @@ def positive(x):
 
 def test_report_has_every_case_with_finite_positive_times(report):
     expected = {(f"tiny {case}", "fp32")
-                for case in ("forward b1", "forward b1, ddpm in frozen_weights()", "forward b2", "forward+backward b2",
+                for case in ("forward b1", "forward b1, ddpm in frozen_weights()", "forward b2",
+                             "forward b2, ddpm in frozen_weights()", "forward+backward b2",
                              "train step b2", "sampling DDIM 3 steps b2", "sampling DDPM 4 steps b2")}
     expected.add(("scheduler loop DDPM 20 steps b2", "fp32"))
     assert {(r.case, r.precision) for r in report.rows} == expected

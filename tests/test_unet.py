@@ -163,7 +163,7 @@ def test_output_layout_follows_input_layout(in_channels: int) -> None:
 
 def test_frozen_weights_match_plain_calls_and_see_weight_updates() -> None:
     unet, twin = tiny_unet(seed=3).eval(), tiny_unet(seed=3).eval()
-    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 x 8 x 8: prepacked
     with torch.no_grad():
         plain = unet(x, 5).sample
         with unet.frozen_weights():
