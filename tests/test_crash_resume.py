@@ -13,29 +13,21 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm.training import checkpoints
 from ddpm.training.signals import StopRequest
+from helpers import write_training_files
 
-TINY_UNET = {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1,
-             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(16):
-        Image.fromarray((rng.random((12, 10, 3)) * 255).astype("uint8")).save(images / f"{i:02d}.png")
-    (root / "tiny.json").write_text(json.dumps(TINY_UNET))
+    images, _ = write_training_files(root, count=16, size=(12, 10), seed=1)
     flags = ["--train_data_dir", images, "--model_config_name_or_path", root / "tiny.json", "--resolution", 8,
              "--train_batch_size", 4, "--max_train_steps", STEPS, "--use_ema", "--random_flip", "--seed", 7,
              "--ddpm_num_steps", 50, "--ddpm_num_inference_steps", 2, "--eval_batch_size", 1,

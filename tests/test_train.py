@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +21,8 @@ from ddpm.training import outputs
 from ddpm.training.args import EMBEDDED_DEFAULTS, SMALL_UNET_CONFIG
 from ddpm.training.loss import diffusion_loss, loss_weights, training_target
 from ddpm.training.lr import get_scheduler as our_get_scheduler
+from helpers import TINY_UNET, write_training_files
 
-TINY_UNET = {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1,
-             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
 
 
 @pytest.fixture(autouse=True)
@@ -40,18 +38,12 @@ def one_thread():
 def files(tmp_path_factory):
     """24 random RGB images of 20x18 (non-square: random crops matter), one corrupt file, a tiny UNet config."""
     root = tmp_path_factory.mktemp("train")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        Image.fromarray((rng.random((20, 18, 3)) * 255).astype("uint8")).save(images / f"{i:02d}.png")
+    images, config = write_training_files(root, count=24, size=(20, 18), seed=0)
     corrupt = root / "with_corrupt"
     corrupt.mkdir()
     for p in images.iterdir():
         (corrupt / p.name).write_bytes(p.read_bytes())
     (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    config = root / "tiny.json"
-    config.write_text(json.dumps(TINY_UNET))
     return {"root": root, "images": images, "corrupt": corrupt, "config": config}
 
 
