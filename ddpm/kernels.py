@@ -77,20 +77,23 @@ def conv2d(x: Tensor, weight: Tensor | WeightFn, bias: Tensor | None = None, str
 # EMAModel.copy_to does) cannot be detected cheaply; a change through ordinary in-place ops (an optimizer step,
 # load_state_dict) bumps the parameter's version and is picked up.
 
-Packed = tuple[Tensor, "Tensor | None", torch.dtype]
 # Only convolutions over at most this many pixels (N*H*W) use them: the reorder costs in proportion to the weight,
 # the convolution in proportion to N*H*W times the weight. Measured, butterflies-32, ddpm with/without, interleaved
 # in one process: batch 1 forward 1.37x faster, batch 8 1.05-1.07x (its 4x4 and 8x8 levels), batch 32 1.01x. On
 # larger maps the gain is a few per cent of the call at best, and each prepacked weight is one more long-lived
 # allocation (glibc's heap trimming, and so the page faults of every later op, shifted with them in experiments).
 _FROZEN_PIXELS = 512
-_FROZEN: list[dict[tuple[Any, ...], tuple[tuple[Any, ...], Packed]]] = []  # the innermost open block's cache
+
+Packed = tuple[Tensor, "Tensor | None", torch.dtype]  # weight in oneDNN's layout, bias, the dtype they run in
+# The innermost open block's cache: slot -> (the parameters, their versions, the packed weight). Holding the
+# parameters keeps their ids, part of the slot, from being reused by new tensors while the block is open.
+_FROZEN: list[dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Any, ...], Packed]]] = []
 
 
 @contextlib.contextmanager
 def frozen_weights() -> Iterator[None]:
-    """Reuse each convolution weight in oneDNN's layout for the calls made in this block without autograd (CPU,
-    float32/bfloat16). For sampling loops, where the weights do not change: ``Pipeline`` uses it."""
+    """Reuse the small-map convolution weights in oneDNN's layout for the calls made in this block without
+    autograd (CPU, float32/bfloat16). For sampling loops, where the weights do not change: ``Pipeline`` uses it."""
     _FROZEN.append(_FROZEN[-1] if _FROZEN else {})
     try:
         yield
@@ -113,15 +116,15 @@ def _frozen(x: Tensor, stride: int, padding: int, key: FrozenKey | None,
     slot = (tag, *(id(p) for p in params), dtype, tuple(x.shape[1:]), stride, padding)
     versions = tuple((p._version, p.data_ptr()) if p is not None else None for p in params)
     cached = _FROZEN[-1].get(slot)
-    if cached is not None and cached[0] == versions:
-        return cached[1]
+    if cached is not None and cached[1] == versions:
+        return cached[2]
     if not isinstance(weight, Tensor):
         weight, bias = weight()
     weight = weight.to(dtype, memory_format=torch.channels_last)
     packed = (torch.ops.mkldnn._reorder_convolution_weight(weight, [padding] * 2, [stride] * 2, [1, 1], 1,
                                                            list(x.shape)),
               bias.to(dtype) if bias is not None else None, dtype)
-    _FROZEN[-1][slot] = (versions, packed)
+    _FROZEN[-1][slot] = (params, versions, packed)
     return packed
 
 
