@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm.kernels import norm_act_conv
 from ddpm.layers import Attention, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, fir_downsample, fir_upsample
 
 # "conv": strided 3x3 conv / nearest + 3x3 conv; "resnet": a ResNet block with avg-pool / nearest resampling.
@@ -259,7 +260,8 @@ class SkipUpBlock(nn.Module):
         if skip_sample is not None:
             skip_sample = fir_upsample(skip_sample)  # (N, 3, H, W) from (N, 3, H/2, W/2)
         if self.resnet_up is not None and self.skip_norm is not None and self.skip_conv is not None:
-            projected = self.skip_conv(torch.nn.functional.silu(self.skip_norm(x)))  # (N, 3, H, W)
+            projected = norm_act_conv(x, self.skip_norm, self.skip_conv.weight, self.skip_conv.bias, silu=True,
+                                      padding=1)  # (N, 3, H, W)
             skip_sample = projected if skip_sample is None else skip_sample + projected
             x = self.resnet_up(x, temb)
         return x, skip_sample

@@ -48,10 +48,11 @@ def conv2d(x: Tensor, weight: Tensor | WeightFn, bias: Tensor | None = None, str
     needed). Inside ``frozen_weights()`` and without autograd, the weight is prepacked once and cached under
     ``frozen_key`` = (tag, the parameters it is made from); a plain parameter is its own key.
     """
-    if frozen_key is None and isinstance(weight, nn.Parameter):
-        frozen_key = ("", (weight, bias))
-    if (packed := _frozen(x, stride, padding, frozen_key, weight, bias)) is not None:
-        return _packed_conv(x, packed, stride, padding)
+    if _FROZEN:  # inside frozen_weights(): the weight may be prepacked
+        if frozen_key is None and isinstance(weight, nn.Parameter):
+            frozen_key = ("", (weight, bias))
+        if (packed := _frozen(x, stride, padding, frozen_key, weight, bias)) is not None:
+            return _packed_conv(x, packed, stride, padding)
     if not isinstance(weight, Tensor):
         weight, bias = weight()
     dtype = _onednn_dtype(x)
