@@ -56,21 +56,29 @@ class EMA:
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().float().clone() for name, p in model.named_parameters()
         }
+        self._bound: tuple[nn.Module, list[tuple[torch.Tensor, nn.Parameter]]] | None = None  # see _pairs
 
     @torch.no_grad()
     def step(self, model: nn.Module) -> float:
         """One EMA update from ``model``'s current parameters; returns the decay it used."""
         self.optimization_step += 1
         self.decay = ema_decay(self.optimization_step, self.max_decay, self.inv_gamma, self.power)
-        params = dict(model.named_parameters())
-        self._check_names(params.keys(), "model")
-        for name, shadow in self.shadow.items():
-            p = params[name]
-            if p.requires_grad:
-                shadow.lerp_(p.detach().float(), 1.0 - self.decay)  # s + (1 - d) (p - s)
-            else:
-                shadow.copy_(p.detach())  # frozen parameters are copied, as diffusers does
+        pairs = self._pairs(model)
+        trained = [(s, p.detach().float()) for s, p in pairs if p.requires_grad]
+        if trained:  # s + (1 - d) (p - s), one fused call over all tensors
+            torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - self.decay)
+        for s, p in pairs:
+            if not p.requires_grad:
+                s.copy_(p.detach())  # frozen parameters are copied, as diffusers does
         return self.decay
+
+    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        # (shadow, parameter) in a fixed order, matched by name once per model rather than on every step
+        if self._bound is None or self._bound[0] is not model:
+            params = dict(model.named_parameters())
+            self._check_names(params.keys(), "model")
+            self._bound = (model, [(shadow, params[name]) for name, shadow in self.shadow.items()])
+        return self._bound[1]
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -79,10 +87,6 @@ class EMA:
         self._check_names(params.keys(), "model")
         for name, shadow in self.shadow.items():
             params[name].copy_(shadow)
-
-    def to(self, device: torch.device | str) -> EMA:
-        self.shadow = {name: t.to(device) for name, t in self.shadow.items()}
-        return self
 
     def state_dict(self) -> dict[str, Any]:
         """``{"optimization_step", "decay", "max_decay", "inv_gamma", "power", "shadow": {name: tensor}}``."""
@@ -103,6 +107,7 @@ class EMA:
                 raise ValueError(f"EMA state: {name} has shape {tuple(t.shape)}, the model has "
                                  f"{tuple(self.shadow[name].shape)}")
         self.shadow = {name: shadow[name].to(self.shadow[name].device, torch.float32).clone() for name in self.shadow}
+        self._bound = None  # new shadow tensors
         self.optimization_step = int(state["optimization_step"])
         self.decay = float(state.get("decay", ema_decay(self.optimization_step, self.max_decay, self.inv_gamma,
                                                           self.power)))

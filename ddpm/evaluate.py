@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from ddpm import data, metrics
 from ddpm.cli import CLIError, add_debug_flag, check_sampling_flags, pick_device, run
 from ddpm.pipeline import Pipeline
-from ddpm.sample import open_pipeline
+from ddpm.sample import open_pipeline, sample_batches
 
 # At most this many real images are loaded: the default extractor trains on half of them, the reference images
 # are drawn from the other half.
@@ -125,22 +124,16 @@ def split_real_images(real: RealImages) -> tuple[RealImages, torch.Tensor]:
 # ---- sampling and scoring ------------------------------------------------------------------------------------
 
 def generate(pipe: Pipeline, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0,
-             eta: float = 0.0) -> torch.Tensor:
+             eta: float = 0.0, progress: bool = True) -> torch.Tensor:
     """``num_images`` samples as an ``[N x C x H x W]`` CPU tensor in ``[-1, 1]``; image i uses seed ``seed + i``
-    (as ``ddpm.sample`` does), so the set does not depend on ``batch_size``."""
+    (as ``ddpm.sample`` does), so the set does not depend on ``batch_size``. ``progress=False``: no bars."""
     out = []
-    num_batches = math.ceil(num_images / batch_size)
-    with tqdm(total=num_images, desc="sampling", unit="image") as bar:  # outer bar: images; inner: steps
-        for b in range(num_batches):
-            first = b * batch_size
-            count = min(batch_size, num_images - first)
-            generators = [torch.Generator().manual_seed(seed + first + i) for i in range(count)]
-            pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}", leave=False)
-            images = pipe(batch_size=count, generator=generators, num_inference_steps=num_inference_steps,
-                          output_type="pt", eta=eta)[0]
+    with tqdm(total=num_images, desc="sampling", unit="image", disable=not progress) as bar:  # inner bars: steps
+        for _, images in sample_batches(pipe, num_images, batch_size, num_inference_steps, seed, eta,
+                                        output_type="pt", progress=progress, leave=False):
             assert isinstance(images, torch.Tensor)
             out.append(images.float().cpu() * 2 - 1)  # the pipeline's [0, 1] back to model space [-1, 1]
-            bar.update(count)
+            bar.update(images.shape[0])
     return torch.cat(out)
 
 

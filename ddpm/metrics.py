@@ -279,9 +279,12 @@ class FeatureNet(nn.Module):
 
 
 def _rotate(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
-    # Image i turned by quarter_turns[i] * 90 degrees: all four turns, then pick one per image.
-    turns = torch.stack([torch.rot90(images, r, dims=(2, 3)) for r in range(4)], dim=1)  # (N, 4, C, H, W)
-    return turns[torch.arange(images.shape[0]), quarter_turns]
+    # Image i turned by quarter_turns[i] * 90 degrees (square images); only the images of each turn are rotated
+    out = images.clone()
+    for r in range(1, 4):
+        pick = quarter_turns == r
+        out[pick] = torch.rot90(images[pick], r, dims=(2, 3))
+    return out
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -316,8 +319,8 @@ def train_extractor(images: torch.Tensor, labels: torch.Tensor | None = None, st
         index = torch.randint(images.shape[0], (batch_size,), generator=generator)
         x, y = images[index].to(device), targets[index]
         if config.task == "rotation":
-            y = torch.randint(4, (batch_size,), generator=generator)
-            x = _rotate(x, y.to(device))
+            y = torch.randint(4, (batch_size,), generator=generator).to(device)
+            x = _rotate(x, y)
         loss = F.cross_entropy(net.logits(x).float(), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

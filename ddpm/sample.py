@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -55,6 +55,23 @@ def open_pipeline(model: str, scheduler: Literal["ddpm", "ddim"] | None,
     return pipe, steps
 
 
+def sample_batches(pipe: Pipeline, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0,
+                   eta: float = 0.0, output_type: Literal["pil", "np", "pt"] = "pil",
+                   progress: bool = True, leave: bool = True) -> Iterator[tuple[int, Any]]:
+    """``(first, images)`` per batch of at most ``batch_size``: images ``first``, ``first + 1``, ... of
+    ``num_images``, image i drawn with its own generator seeded ``seed + i`` (so the set does not depend on
+    ``batch_size``). ``progress=False`` hides the per-step bars; ``leave=False`` clears each when done. Shared
+    by ``ddpm.sample`` and ``ddpm.evaluate``."""
+    num_batches = math.ceil(num_images / batch_size)
+    for b in range(num_batches):
+        first = b * batch_size
+        count = min(batch_size, num_images - first)
+        generators = [torch.Generator().manual_seed(seed + first + i) for i in range(count)]
+        pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}", leave=leave, disable=not progress)
+        yield first, pipe(batch_size=count, generator=generators, num_inference_steps=num_inference_steps,
+                          eta=eta, output_type=output_type)[0]
+
+
 def sample(config: SampleConfig) -> Path:
     """Sample ``config.num_images`` images; write ``grid.png`` and ``00000.png``... into ``config.output``."""
     if config.num_images < 1 or config.batch_size < 1:
@@ -67,13 +84,7 @@ def sample(config: SampleConfig) -> Path:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     images: list[Image.Image] = []
-    num_batches = math.ceil(config.num_images / config.batch_size)
-    for b in range(num_batches):
-        first = b * config.batch_size
-        count = min(config.batch_size, config.num_images - first)
-        generators = [torch.Generator().manual_seed(config.seed + first + i) for i in range(count)]
-        pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}")
-        batch = pipe(batch_size=count, generator=generators, num_inference_steps=steps, eta=config.eta)[0]
+    for first, batch in sample_batches(pipe, config.num_images, config.batch_size, steps, config.seed, config.eta):
         for i, image in enumerate(batch):
             image.save(out / f"{first + i:05d}.png")
         images.extend(batch)

@@ -189,3 +189,20 @@ def test_pruning_never_deletes_the_newest_complete_checkpoint(tmp_path):
     assert [p.name for _, p in checkpoints.checkpoint_folders(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
     assert checkpoints.prune_checkpoints(str(tmp_path), 1) == []
     assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / checkpoints.MARKER).write_text("done")
+    (tmp_path / "abandoned-checkpoint-6").mkdir()  # from an earlier abandoned run: not overwritten
+    moved = checkpoints.set_aside_newer(str(tmp_path), 2)
+    assert [(old.name, new.name) for old, new in moved] == [
+        ("checkpoint-4", "abandoned-checkpoint-4"), ("checkpoint-6", "abandoned-2-checkpoint-6")]
+    assert [p.name for _, p in checkpoints.complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert (tmp_path / "abandoned-2-checkpoint-6" / checkpoints.MARKER).is_file()  # renamed, not deleted
+    # the new run's checkpoints are then the newest: pruning and 'latest' act on them, not on the abandoned ones
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / checkpoints.MARKER).write_text("done")
+    assert checkpoints.prune_checkpoints(str(tmp_path), 1) == [tmp_path / "checkpoint-2"]
+    assert checkpoints.resolve_resume(str(tmp_path), "latest") == tmp_path / "checkpoint-3"

@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from ddpm.cli import CLIError
+from ddpm.schedule import BETA_SCHEDULES, PREDICTION_TYPES, BetaSchedule, PredictionType
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
-PredictionType = Literal["epsilon", "sample", "v_prediction"]
 LRScheduleName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                          "constant_with_warmup"]
 LR_SCHEDULES: tuple[LRScheduleName, ...] = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                             "constant_with_warmup")
-PREDICTION_TYPES: tuple[PredictionType, ...] = ("epsilon", "sample", "v_prediction")
 Logger = Literal["tensorboard", "wandb"]
 InferenceScheduler = Literal["ddpm", "ddim"]
-BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SMALL_UNET_CONFIG = ASSETS / "unet-small.json"
@@ -144,7 +142,7 @@ class TrainConfig:
             "lr_scheduler": LR_SCHEDULES,
             "logger": ("tensorboard", "wandb"),
             "ddpm_inference_scheduler": ("ddpm", "ddim"),
-            "ddpm_beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
+            "ddpm_beta_schedule": BETA_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -243,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddpm_num_steps", type=int, default=d.ddpm_num_steps)
     g.add_argument("--ddpm_num_inference_steps", type=int, default=d.ddpm_num_inference_steps)
     g.add_argument("--ddpm_beta_schedule", default=d.ddpm_beta_schedule,
-                   choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+                   choices=BETA_SCHEDULES)
     g.add_argument("--ddpm_inference_scheduler", default=d.ddpm_inference_scheduler, choices=["ddpm", "ddim"],
                    help="ddpm: scheduler for the sample grids (ddim is faster)")
     g = p.add_argument_group("checkpoints")

@@ -117,8 +117,6 @@ def save_checkpoint(accelerator: Any, output_dir: str, step: int, state: Mapping
     root = Path(output_dir)
     final = root / f"{PREFIX}{step}"
     tmp = root / f"{TMP_PREFIX}{step}"
-    if is_complete(final):  # e.g. Ctrl-C right after a scheduled checkpoint: the same state is on disk
-        return final
     if accelerator.is_main_process:
         for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
@@ -142,6 +140,24 @@ def save_checkpoint(accelerator: Any, output_dir: str, step: int, state: Mapping
         _fsync_dir(root)
     accelerator.wait_for_everyone()
     return final
+
+
+def set_aside_newer(output_dir: str, step: int) -> list[tuple[Path, Path]]:
+    """Rename the checkpoints of steps after ``step`` to ``abandoned-checkpoint-<step>``: resuming from an older
+    checkpoint abandons them, and left in place they would be pruned in the new run's stead, kept over its
+    checkpoints of the same steps, and picked by a later ``latest``. Renamed, not deleted. Returns the
+    ``(old, new)`` paths."""
+    moved = []
+    for later_step, path in checkpoint_folders(output_dir):
+        if later_step > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"abandoned-{n}-{path.name}")
+            os.replace(path, target)
+            moved.append((path, target))
+    return moved
 
 
 def prune_checkpoints(output_dir: str, limit: int | None) -> list[Path]:

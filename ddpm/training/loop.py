@@ -153,6 +153,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
     if resume_path is not None:
         checkpoints.load_checkpoint(accelerator, resume_path, ema, expect_ema=config.use_ema)
         global_step, nan_skips = int(resumed_state["global_step"]), int(resumed_state.get("nan_skips", 0))
+        if is_main:
+            for old, new in checkpoints.set_aside_newer(config.output_dir, global_step):
+                log.warning("warning: %s is newer than the checkpoint resumed from: renamed to %s (kept, but no "
+                            "longer pruned or picked by 'latest')", old.name, new.name)
+        accelerator.wait_for_everyone()
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
         if resumed_state.get("batches_per_epoch") != batches_per_epoch:
@@ -172,6 +177,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
         f"  optimisation steps = {max_train_steps}, parameters = {sum(p.numel() for p in unwrapped.parameters()):,}")
 
     # ---- the loop ----
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)  # for the loss weights, moved once
     with tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
               desc="steps") as progress:
         epoch, first_batch = first_epoch, True
@@ -200,7 +206,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
 
                 with accelerator.accumulate(model):
                     prediction = model(noisy, timesteps, return_dict=False)[0]
-                    loss = diffusion_loss(prediction, clean, noise, timesteps, noise_scheduler.alphas_cumprod,
+                    loss = diffusion_loss(prediction, clean, noise, timesteps, alphas_cumprod,
                                           config.prediction_type, config.snr_gamma)
                     mean_loss = float(accelerator.gather(loss.detach()[None]).mean())  # the same on every process
                     if math.isfinite(mean_loss):
@@ -222,9 +228,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
                 if not accelerator.sync_gradients:
                     continue
                 # ---- one optimiser step done ----
+                # (a window with a non-finite loss took no step; the zero_grad above dropped its gradients)
                 stepped = window_finite and not accelerator.optimizer_step_was_skipped
-                if not window_finite:
-                    unwrapped.zero_grad(set_to_none=True)  # drop this window's gradients
                 if stepped:
                     lr_schedule.step()
                     if ema is not None:
@@ -241,13 +246,13 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
                                      lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
 
-                state = {"global_step": global_step, "epoch": epoch, "seed": seed, "nan_skips": nan_skips,
-                         "batches_per_epoch": batches_per_epoch, "num_processes": accelerator.num_processes}
-                if global_step % config.checkpointing_steps == 0:
+                stopping = _any_process(accelerator, stop.requested)
+                if global_step % config.checkpointing_steps == 0 or stopping:
+                    state = {"global_step": global_step, "epoch": epoch, "seed": seed, "nan_skips": nan_skips,
+                             "batches_per_epoch": batches_per_epoch, "num_processes": accelerator.num_processes}
                     last_checkpoint = str(_save(accelerator, config, global_step, state, ema))
-                if _any_process(accelerator, stop.requested):
-                    last_checkpoint = str(_save(accelerator, config, global_step, state, ema))
-                    return _interrupted(accelerator, config, global_step, epoch, last_checkpoint,
+                if stopping:
+                    return _interrupted(accelerator, config, global_step, epoch, last_checkpoint or "",
                                         stop.signal_name or "a signal")
                 if global_step >= max_train_steps:
                     break
@@ -281,7 +286,7 @@ def _check_environment(config: TrainConfig) -> None:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU: on CPU accelerate would silently train in fp32. "
                          "Use --mixed_precision bf16 (works on CPU) or no")
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[config.logger]
+    module = config.logger  # the package is named like the logger
     if importlib.util.find_spec(module) is None:
         raise ValueError(f"--logger {config.logger} needs the {module} package: pip install {module}")
 
@@ -364,8 +369,8 @@ def _eval_unet(unwrapped: UNet, ema: EMA | None) -> UNet:
 
 
 class _Scorer:
-    """Scores samples with ddpm.metrics during training (--eval_epochs). The real images and the feature
-    network (trained once, cached in output_dir) are prepared on first use and reused."""
+    """Scores samples with ddpm.metrics during training (--eval_epochs). The feature network (trained once,
+    cached in output_dir) and the real images' features are prepared on first use and reused."""
 
     def __init__(self, config: TrainConfig, unet_config: Any, device: torch.device) -> None:
         from ddpm import evaluate, metrics
@@ -377,7 +382,7 @@ class _Scorer:
         self.extractor = metrics.dataset_extractor(train.images, train.labels, config.output_dir, train.description,
                                                    steps=config.eval_extractor_steps, device=device)
         pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))
-        self.reference = pool[pick[:config.eval_num_images]]
+        self.reference = metrics.compute_features(self.extractor, pool[pick[:config.eval_num_images]])  # (N, D), once
 
     def __call__(self, unet: UNet, noise_scheduler: DDPMScheduler, step: int, accelerator: Accelerator) -> None:
         from ddpm import evaluate, metrics
@@ -385,11 +390,11 @@ class _Scorer:
         c = self.config
         scheduler_cls = DDIMScheduler if c.ddpm_inference_scheduler == "ddim" else DDPMScheduler
         pipeline = Pipeline(unet=unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # evaluation must not move the training RNG
-            generated = evaluate.generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps)
-            scores = metrics.evaluate_images(generated, self.reference, self.extractor)
+            generated = evaluate.generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps,
+                                          progress=False)
+            scores = metrics.feature_metrics(self.reference, metrics.compute_features(self.extractor, generated))
         record = {"step": step, **scores, "num_images": c.eval_num_images, "scheduler": scheduler_cls.__name__,
                   "num_inference_steps": c.ddpm_num_inference_steps, "ema": c.use_ema}
         evaluate.log_metrics(c.output_dir, record, {}, step=step)  # metrics.jsonl

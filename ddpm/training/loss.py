@@ -22,30 +22,26 @@ from __future__ import annotations
 
 import torch
 
-from ddpm.training.args import PREDICTION_TYPES, PredictionType
-
-
-def _per_sample(values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Gather ``values[timesteps]`` as float32 with shape ``[B, 1, 1, 1]`` for broadcasting over images."""
-    return values.to(timesteps.device, torch.float32)[timesteps].reshape(-1, 1, 1, 1)
+from ddpm import schedule as S
+from ddpm.schedule import PREDICTION_TYPES, PredictionType
 
 
 def signal_to_noise(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """SNR(t) = abar_t / (1 - abar_t), shape ``[B]``, float32."""
-    abar = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    abar = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]  # a no-op copy when already there
     return abar / (1.0 - abar)
 
 
 def training_target(prediction_type: PredictionType, clean: torch.Tensor, noise: torch.Tensor,
                     alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the model should output for noisy images made from ``clean`` ``[B, C, H, W]`` and ``noise``."""
+    """What the model should output for noisy images made from ``clean`` ``[B, C, H, W]`` and ``noise``
+    (``alphas_cumprod`` on their device), float32."""
     if prediction_type == "epsilon":
         return noise.float()
     if prediction_type == "sample":
         return clean.float()
     if prediction_type == "v_prediction":
-        abar = _per_sample(alphas_cumprod, timesteps)
-        return abar.sqrt() * noise.float() - (1.0 - abar).sqrt() * clean.float()
+        return S.velocity(alphas_cumprod.float(), clean.float(), noise.float(), timesteps)
     raise ValueError(f"prediction_type={prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
 
 
