@@ -80,15 +80,18 @@ def _labels(source: data.ImageSource, rows: list[int]) -> torch.Tensor | None:
 
 def load_real_images(dataset_name: str | None, train_data_dir: str | None, resolution: int, channels: int,
                      dataset_config_name: str | None = None, cache_dir: str | None = None) -> RealImages:
-    """The first ``MAX_REAL_IMAGES`` readable real images of the training data (``ddpm.data``'s sources: a
+    """Up to ``MAX_REAL_IMAGES`` readable real images of the training data (``ddpm.data``'s sources: a
     ``datasets`` name, an image folder, or the embedded Fashion-MNIST subset), preprocessed as for training with
-    a center crop and no flip, with class labels where the source has them."""
+    a center crop and no flip, with class labels where the source has them. A larger source is read in a fixed
+    random order, so the cap does not keep only the first class folders of a sorted image folder."""
     source = data.open_source(dataset_name, dataset_config_name, train_data_dir, cache_dir)
     preprocess = data.Preprocess(resolution, center_crop=True, random_flip=False, channels=channels)
     unused = torch.Generator()  # the preprocessing draws nothing without random crops and flips
     images: list[torch.Tensor] = []
     rows: list[int] = []
-    for i in range(len(source)):
+    n = len(source)
+    order = range(n) if n <= MAX_REAL_IMAGES else torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    for i in order:
         if len(rows) == MAX_REAL_IMAGES:
             break
         try:

@@ -344,3 +344,20 @@ def test_evaluate_cli_bad_input_is_one_line(tiny_pipeline, digit_folder, tmp_pat
     assert {"missing": "nope", "not_a_pipeline": "not a pipeline", "bad_extractor": "bad.pt",
             "resolution": "sample_size"}[case] in lines[0]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_capped_real_images_come_from_every_class_folder(tmp_path, monkeypatch):
+    # An image folder lists its class folders in order: a cap taken from the front would see only class "a".
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(folder / cls / f"{i}.png")
+    monkeypatch.setattr(evaluate, "MAX_REAL_IMAGES", 6)
+    real = evaluate.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
+    assert real.images.shape == (6, 3, 8, 8)
+    assert real.labels is not None and set(real.labels.tolist()) == {0, 1}
+    monkeypatch.setattr(evaluate, "MAX_REAL_IMAGES", 100)  # not capped: every image, in the source's order
+    everything = evaluate.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
+    assert everything.labels is not None and everything.labels.tolist() == [0] * 6 + [1] * 6
