@@ -260,15 +260,22 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
             # ---- end of epoch: grids and pipeline on the main process ----
             accelerator.wait_for_everyone()
             last = epoch == num_epochs - 1 or global_step >= max_train_steps
-            if is_main and (epoch % config.save_images_epochs == 0 or last):
-                _sample_grid(config, accelerator, unwrapped, ema, noise_scheduler, epoch, global_step)
-            if is_main and config.eval_epochs and (epoch % config.eval_epochs == 0 or last):
-                scorer = scorer or _Scorer(config, unwrapped.config, accelerator.device)
-                scorer(_eval_unet(unwrapped, ema), noise_scheduler, global_step, accelerator)
-            if is_main and (epoch % config.save_model_epochs == 0 or last):
-                _save_pipeline(config, unwrapped, ema, noise_scheduler)
-                if repo_id is not None:
-                    outputs.upload_to_hub(config, repo_id, f"Epoch {epoch}")
+            grid = epoch % config.save_images_epochs == 0 or last
+            score = bool(config.eval_epochs) and (epoch % config.eval_epochs == 0 or last)
+            save = epoch % config.save_model_epochs == 0 or last
+            if is_main and (grid or score or save):
+                eval_unet = _eval_unet(unwrapped, ema)  # one copy (EMA weights if on) serves all three
+                if grid:
+                    _sample_grid(config, accelerator, eval_unet, noise_scheduler, epoch, global_step)
+                if score:
+                    scorer = scorer or _Scorer(config, unwrapped.config, accelerator.device)
+                    scorer(eval_unet, noise_scheduler, global_step, accelerator)
+                if save:
+                    outputs.save_pipeline_atomically(
+                        Pipeline(unet=eval_unet, scheduler=DDPMScheduler.from_config(noise_scheduler.config)),
+                        config.output_dir)
+                    if repo_id is not None:
+                        outputs.upload_to_hub(config, repo_id, f"Epoch {epoch}")
             accelerator.wait_for_everyone()
             if last:
                 break
@@ -388,27 +395,36 @@ class _Scorer:
         from ddpm import evaluate, metrics
 
         c = self.config
-        scheduler_cls = DDIMScheduler if c.ddpm_inference_scheduler == "ddim" else DDPMScheduler
-        pipeline = Pipeline(unet=unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
-        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # evaluation must not move the training RNG
+        pipeline = _inference_pipeline(c, unet, noise_scheduler)
+        with _own_rng(accelerator):  # evaluation must not move the training RNG
             generated = evaluate.generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps,
                                           progress=False)
             scores = metrics.feature_metrics(self.reference, metrics.compute_features(self.extractor, generated))
-        record = {"step": step, **scores, "num_images": c.eval_num_images, "scheduler": scheduler_cls.__name__,
+        record = {"step": step, **scores, "num_images": c.eval_num_images,
+                  "scheduler": type(pipeline.scheduler).__name__,
                   "num_inference_steps": c.ddpm_num_inference_steps, "ema": c.use_ema}
         evaluate.log_metrics(c.output_dir, record, {}, step=step)  # metrics.jsonl
         accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)  # the run's tensorboard
         accelerator.print("eval at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items())))
 
 
-def _sample_grid(config: TrainConfig, accelerator: Accelerator, unwrapped: UNet, ema: EMA | None,
-                 noise_scheduler: DDPMScheduler, epoch: int, global_step: int) -> None:
+def _inference_pipeline(config: TrainConfig, unet: UNet, noise_scheduler: DDPMScheduler) -> Pipeline:
+    # The sampling pipeline of --ddpm_inference_scheduler, on the training schedule, with no per-step bars
     scheduler_cls = DDIMScheduler if config.ddpm_inference_scheduler == "ddim" else DDPMScheduler
-    pipeline = Pipeline(unet=_eval_unet(unwrapped, ema), scheduler=scheduler_cls.from_config(noise_scheduler.config))
+    pipeline = Pipeline(unet=unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
+    return pipeline
+
+
+def _own_rng(accelerator: Accelerator) -> Any:
+    # A block whose random draws leave the training RNG (CPU, and the CUDA device if any) as it was
+    return torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else [])
+
+
+def _sample_grid(config: TrainConfig, accelerator: Accelerator, unet: UNet, noise_scheduler: DDPMScheduler,
+                 epoch: int, global_step: int) -> None:
+    pipeline = _inference_pipeline(config, unet, noise_scheduler)
+    with _own_rng(accelerator):  # sampling must not move the training RNG
         images: list[Any] = list(pipeline(batch_size=config.eval_batch_size,
                                           generator=torch.Generator().manual_seed(0),
                                           num_inference_steps=config.ddpm_num_inference_steps, output_type="pil",
@@ -416,10 +432,10 @@ def _sample_grid(config: TrainConfig, accelerator: Accelerator, unwrapped: UNet,
     folder = Path(config.output_dir) / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     make_grid(images).save(folder / f"epoch_{epoch:04d}.png")
-    import numpy as np
-
-    pixels = np.stack([np.asarray(im.convert("RGB")) for im in images]).transpose(0, 3, 1, 2)  # [N, 3, H, W] uint8
     if config.logger == "tensorboard":
+        import numpy as np
+
+        pixels = np.stack([np.asarray(im.convert("RGB")) for im in images]).transpose(0, 3, 1, 2)  # [N, 3, H, W]
         accelerator.get_tracker("tensorboard", unwrap=True).add_images("test_samples", pixels, epoch)
     else:
         import wandb
@@ -427,7 +443,3 @@ def _sample_grid(config: TrainConfig, accelerator: Accelerator, unwrapped: UNet,
         accelerator.get_tracker("wandb").log({"test_samples": [wandb.Image(im) for im in images], "epoch": epoch},
                                              step=global_step)
 
-
-def _save_pipeline(config: TrainConfig, unwrapped: UNet, ema: EMA | None, noise_scheduler: DDPMScheduler) -> None:
-    pipeline = Pipeline(unet=_eval_unet(unwrapped, ema), scheduler=DDPMScheduler.from_config(noise_scheduler.config))
-    outputs.save_pipeline_atomically(pipeline, config.output_dir)
