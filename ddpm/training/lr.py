@@ -25,56 +25,38 @@ from torch.optim.lr_scheduler import LambdaLR
 from ddpm.training.args import LR_SCHEDULES, LRScheduleName
 
 
-def lr_multiplier(name: LRScheduleName, warmup: int, total: int, base_lr: float, num_cycles: int = 1,
-                  power: float = 1.0, lr_end: float = 1e-7) -> Callable[[int], float]:
-    """The function ``step -> lr / base_lr`` of schedule ``name``."""
+POLYNOMIAL_LR_END = 1e-7  # diffusers' default end value of the polynomial schedule
 
-    def warming(s: int) -> float | None:
-        return s / max(1, warmup) if s < warmup else None
+
+def lr_multiplier(name: LRScheduleName, warmup: int, total: int, base_lr: float, num_cycles: int = 1,
+                  power: float = 1.0, lr_end: float = POLYNOMIAL_LR_END) -> Callable[[int], float]:
+    """The function ``step -> lr / base_lr`` of schedule ``name`` (checked by ``get_scheduler``): a linear warmup
+    over ``warmup`` steps (none for "constant"), then the schedule's own formula, as diffusers writes it."""
 
     def progress(s: int) -> float:
         return (s - warmup) / max(1, total - warmup)
 
-    def constant(s: int) -> float:
-        return 1.0
-
-    def constant_with_warmup(s: int) -> float:
-        w = warming(s)
-        return 1.0 if w is None else w
-
-    def linear(s: int) -> float:
-        w = warming(s)
-        return max(0.0, (total - s) / max(1, total - warmup)) if w is None else w
-
-    def cosine(s: int) -> float:
-        w = warming(s)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress(s)))) if w is None else w
+    def polynomial(s: int) -> float:
+        if s > total:
+            return lr_end / base_lr
+        return ((base_lr - lr_end) * (1.0 - progress(s)) ** power + lr_end) / base_lr
 
     def cosine_with_restarts(s: int) -> float:
-        w = warming(s)
-        if w is not None:
-            return w
         p = progress(s)
         return 0.0 if p >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * p) % 1.0))))
 
-    def polynomial(s: int) -> float:
-        w = warming(s)
-        if w is not None:
-            return w
-        if s > total:
-            return lr_end / base_lr
-        remaining = 1.0 - (s - warmup) / max(1, total - warmup)
-        return ((base_lr - lr_end) * remaining**power + lr_end) / base_lr
-
-    schedules: dict[str, Callable[[int], float]] = {
-        "constant": constant, "constant_with_warmup": constant_with_warmup, "linear": linear, "cosine": cosine,
-        "cosine_with_restarts": cosine_with_restarts, "polynomial": polynomial,
+    after_warmup: dict[str, Callable[[int], float]] = {
+        "constant": lambda s: 1.0,
+        "constant_with_warmup": lambda s: 1.0,
+        "linear": lambda s: max(0.0, (total - s) / max(1, total - warmup)),
+        "cosine": lambda s: max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress(s)))),
+        "cosine_with_restarts": cosine_with_restarts,
+        "polynomial": polynomial,
     }
-    if name not in schedules:
-        raise ValueError(f"lr_scheduler={name!r} is not supported; choose one of {', '.join(LR_SCHEDULES)}")
-    if name == "polynomial" and not base_lr > lr_end:
-        raise ValueError(f"learning_rate={base_lr} must be larger than the polynomial schedule's end value {lr_end}")
-    return schedules[name]
+    schedule = after_warmup[name]
+    if name == "constant":
+        return schedule
+    return lambda s: s / max(1, warmup) if s < warmup else schedule(s)
 
 
 def get_scheduler(name: LRScheduleName, optimizer: Optimizer, num_warmup_steps: int | None = None,
@@ -91,5 +73,8 @@ def get_scheduler(name: LRScheduleName, optimizer: Optimizer, num_warmup_steps: 
     if num_training_steps is None and name not in ("constant", "constant_with_warmup"):
         raise ValueError(f"lr_scheduler={name!r} needs num_training_steps")
     base_lr = float(optimizer.defaults["lr"])
+    if name == "polynomial" and not base_lr > POLYNOMIAL_LR_END:
+        raise ValueError(f"learning_rate={base_lr} must be larger than the polynomial schedule's end value "
+                         f"{POLYNOMIAL_LR_END}")
     multiplier = lr_multiplier(name, num_warmup_steps or 0, num_training_steps or 0, base_lr, num_cycles, power)
     return LambdaLR(optimizer, multiplier)
