@@ -32,8 +32,8 @@ LEGACY_ATTENTION_RENAMES = {
 }
 
 
-def _is_repo_id(name: str) -> bool:
-    # "user/name" or "name": no path separators beyond the one slash, not a relative or absolute path.
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub id ("user/name" or "name") rather than a path."""
     if name.startswith((".", "/", "~")) or os.sep != "/" and os.sep in name:
         return False
     return 0 < len(name) and name.count("/") <= 1 and all(part for part in name.split("/"))
@@ -56,7 +56,7 @@ def resolve_file(path_or_repo_id: str | os.PathLike[str], filename: str, subfold
         if required:
             raise FileNotFoundError(f"{path} not found: {folder} holds no {filename}")
         return None
-    if not _is_repo_id(name):
+    if not is_repo_id(name):
         raise FileNotFoundError(f"{name} is not a folder (and not a Hugging Face Hub repo id)")
     return _hub_download(name, filename, subfolder, required)
 

@@ -14,7 +14,13 @@ class CLIError(Exception):
 
 
 # Errors that describe bad input (paths, files, values) rather than bugs: shown as one line.
-USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, OSError, KeyError)
+USER_ERRORS = (CLIError, ValueError, TypeError, OSError, KeyError)  # OSError covers the missing files and folders
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" if it has none): the part a one-line error shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def pick_device(flag: str | None) -> torch.device:
@@ -23,7 +29,7 @@ def pick_device(flag: str | None) -> torch.device:
         device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.empty(0, device=device)  # fails now, not mid-run, for an unknown type, index or a missing driver
     except (RuntimeError, AssertionError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
-        raise CLIError(f"--device {flag}: {str(e).strip().splitlines()[0]}") from None
+        raise CLIError(f"--device {flag}: {first_line(e)}") from None
     return device
 
 
@@ -56,7 +62,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except USER_ERRORS as e:
         if debug:
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e) or type(e).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+from ddpm.checkpoint import is_repo_id
+from ddpm.cli import first_line
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "fashion-mnist"
 EMBEDDED_NAME = "the bundled Fashion-MNIST subset"
@@ -139,7 +141,7 @@ def open_image_folder(folder: str, cache_dir: str | None = None) -> HFImages:
         dataset = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir, split="train")
     except Exception as e:  # datasets' own errors for folders it cannot read
         raise DataError(f"--train_data_dir {folder}: datasets' imagefolder could not read it "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                        f"({type(e).__name__}: {first_line(e)})") from None
     return HFImages(dataset, _image_column(dataset, folder), f"--train_data_dir {folder}")
 
 
@@ -147,18 +149,16 @@ def open_dataset(name: str, config_name: str | None = None, cache_dir: str | Non
     """``--dataset_name``: a local dataset path or a hub id through ``datasets.load_dataset``."""
     import datasets
 
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    if looks_like_path and not Path(name).expanduser().exists():
+    if not is_repo_id(name) and not Path(name).expanduser().exists():
         raise DataError(f"--dataset_name {name} looks like a path but does not exist")
     try:
         dataset = datasets.load_dataset(name, config_name, cache_dir=cache_dir, split="train")
     except (ConnectionError, TimeoutError) as e:
         raise DataError(f"--dataset_name {name}: could not reach the Hugging Face Hub "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); offline, train on a "
+                        f"({first_line(e) or type(e).__name__}); offline, train on a "
                         f"local folder of images with --train_data_dir") from None
     except Exception as e:  # not found, no train split, bad config name, unreadable files
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"--dataset_name {name} could not be loaded ({type(e).__name__}: {first}); "
+        raise DataError(f"--dataset_name {name} could not be loaded ({type(e).__name__}: {first_line(e)}); "
                         f"for a local folder of images use --train_data_dir") from None
     return HFImages(dataset, _image_column(dataset, name), f"--dataset_name {name}")
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.checkpoint import load_weights, save_weights
+from ddpm.cli import first_line
 from ddpm.config import config_from_dict, read_json, write_json
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -182,8 +183,8 @@ def compute_features(extractor: FeatureExtractor, images: torch.Tensor, batch_si
         try:
             out = extractor(batch.to(device))
         except RuntimeError as e:  # e.g. a 3-channel Inception given grayscale images
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"feature_extractor failed on images of shape {tuple(batch.shape)}: {first}") from e
+            raise ValueError(f"feature_extractor failed on images of shape {tuple(batch.shape)}: "
+                             f"{first_line(e) or type(e).__name__}") from e
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"feature_extractor must map [N x C x H x W] images to [N x D] features; "
@@ -233,8 +234,8 @@ def load_extractor(path: str | os.PathLike[str], device: torch.device | str = "c
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"feature extractor {str(path)!r} is not a TorchScript or torch.export file: {first}") from e
+        raise ValueError(f"feature extractor {str(path)!r} is not a TorchScript or torch.export file: "
+                         f"{first_line(e) or type(e).__name__}") from e
     module.eval()
     return module
 

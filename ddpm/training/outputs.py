@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm import checkpoint
+from ddpm.cli import first_line
 from ddpm.config import config_to_dict, read_json
 from ddpm.training.args import TrainConfig
 from ddpm.training.checkpoints import PREFIX, TMP_PREFIX, complete_checkpoints
@@ -148,7 +149,7 @@ def create_hub_repo(config: TrainConfig) -> str:
         raise
     except Exception as e:  # offline, no token, no permission
         raise OSError(f"--push_to_hub: could not create the Hub repo {repo_id} ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                      f"{first_line(e)})") from None
     return str(repo_id)
 
 
