@@ -1,7 +1,8 @@
 """Frozen dataclass configs that round-trip diffusers' JSON config files.
 
 A config class is a plain ``@dataclass(frozen=True)`` whose field names are the keys of diffusers'
-``config.json`` / ``scheduler_config.json``. Lists in JSON become tuples here so that configs are hashable
+``config.json`` / ``scheduler_config.json``. Subclassing ``FrozenConfig`` adds the read-only mapping access that
+diffusers' ``FrozenDict`` gives (``config["key"]``, ``dict(config)``, ``**config``, ``keys/items/values``, ``in``). Lists in JSON become tuples here so that configs are hashable
 and truly immutable. On save we add ``_class_name`` and ``_diffusers_version``; on load every key that
 starts with ``_`` is metadata and is ignored. Any other unknown key is a ``ValueError`` naming it.
 """
@@ -12,13 +13,47 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 # The diffusers version whose file formats we write. Loaders only need the keys, not this number.
 DIFFUSERS_VERSION = "0.42.1"
 
 C = TypeVar("C")
+
+
+class FrozenConfig(Mapping[str, Any]):
+    """Read-only mapping access for a frozen config dataclass, as diffusers' ``FrozenDict`` allows.
+
+    ``config.key`` and ``config["key"]`` read the same field; ``dict(config)``, ``**config``, ``keys()``,
+    ``items()``, ``values()``, ``in`` and ``len`` see the fields in declaration order. Writes of either kind raise.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        if isinstance(key, str) and key in _field_names(type(self)):
+            return getattr(self, key)
+        raise KeyError(f"{type(self).__name__} has no key {key!r}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_field_names(type(self)))
+
+    def __len__(self) -> int:
+        return len(_field_names(type(self)))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError(f"{type(self).__name__} is frozen: cannot set {key!r}. Build a new object instead, e.g. "
+                        f"X.from_config(config, {key}=...) or dataclasses.replace(config, {key}=...)")
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(f"{type(self).__name__} is frozen: cannot delete {key!r}")
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names: tuple[str, ...] | None = cls.__dict__.get("_FIELD_NAMES")
+    if names is None:  # computed once per class
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        setattr(cls, "_FIELD_NAMES", names)
+    return names
 
 
 def _freeze(value: Any) -> Any:

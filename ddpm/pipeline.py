@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint
 from ddpm.config import DIFFUSERS_VERSION, read_json, write_json
 from ddpm.images import numpy_to_pil, to_numpy, to_unit_range
+from ddpm.outputs import BaseOutput
 from ddpm.schedulers import DDIMScheduler, DDPMScheduler, draw_noise
 from ddpm.unet import UNet
 
@@ -37,8 +39,13 @@ SCHEDULERS: dict[str, type[DDPMScheduler] | type[DDIMScheduler]] = {
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
 
 
-class PipelineOutput(NamedTuple):
+@dataclass
+class ImagePipelineOutput(BaseOutput):
+    """``images``: a list of PIL images, an ``[N x H x W x C]`` array or an ``[N x C x H x W]`` tensor."""
     images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+PipelineOutput = ImagePipelineOutput  # the name ddpm used first
 
 
 class Pipeline:
@@ -77,7 +84,7 @@ class Pipeline:
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
         eta: float = 0.0,
-    ) -> PipelineOutput | tuple[Any]:
+    ) -> ImagePipelineOutput | tuple[Any]:
         """Sample ``batch_size`` images.
 
         generator: one ``torch.Generator``, or a list of one per sample (each sample then depends only on
@@ -111,7 +118,7 @@ class Pipeline:
             images = to_numpy(image)
             if output_type == "pil":
                 images = numpy_to_pil(images)
-        return PipelineOutput(images) if return_dict else (images,)
+        return ImagePipelineOutput(images) if return_dict else (images,)
 
     # ---- files -----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union, overload
+from typing import Any, ClassVar, Literal, TypeVar, Union, overload
 
 import numpy as np
 import torch
@@ -22,7 +22,9 @@ from torch import Tensor
 
 from ddpm import schedule as S
 from ddpm.checkpoint import SCHEDULER_CONFIG_NAME, resolve_file
-from ddpm.config import check_choice, check_int, check_number, config_from_dict, config_to_dict, read_json, write_json
+from ddpm.config import (FrozenConfig, check_choice, check_int, check_number, config_from_dict, config_to_dict,
+                         read_json, write_json)
+from ddpm.outputs import BaseOutput
 
 Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 Timestep = Union[int, Tensor]
@@ -30,14 +32,15 @@ Timestep = Union[int, Tensor]
 LEGACY_KEYS = ("tensor_format",)
 
 
-class SchedulerOutput(NamedTuple):
+@dataclass
+class SchedulerOutput(BaseOutput):
     """x_{t-1} and the step's prediction of x_0, both shaped like ``sample``."""
     prev_sample: Tensor
-    pred_original_sample: Tensor
+    pred_original_sample: Tensor | None = None
 
 
 @dataclass(frozen=True)
-class _SchedulerConfig:
+class _SchedulerConfig(FrozenConfig):
     """The ``scheduler_config.json`` keys both schedulers share: diffusers' names and defaults."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001

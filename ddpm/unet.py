@@ -15,7 +15,8 @@ import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from ddpm.blocks import (DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DownBlock, MidBlock, 
 from ddpm.config import config_from_dict, config_to_dict, read_json, write_json
 from ddpm.layers import (ACTIVATIONS, Conv2d, GaussianFourierEmbedding, SinusoidalTimestepEmbedding,
                          TimestepEmbedding, norm_act_conv)
+from ddpm.outputs import BaseOutput
 from ddpm.unet_config import UNetConfig
 
 CLASS_NAME = "UNet2DModel"  # the _class_name we write and accept, so diffusers loads our folders
@@ -43,10 +45,14 @@ def _check_sample_shape(config: UNetConfig, shape: torch.Size) -> None:
                      f"resolution {factor.bit_length() - 1} times (2 ** (number of down blocks - 1))")
 
 
-class UNetOutput(NamedTuple):
+@dataclass
+class UNet2DOutput(BaseOutput):
     """``sample``: the network output, ``[N, out_channels, H, W]`` (the predicted noise for DDPM)."""
 
     sample: Tensor
+
+
+UNetOutput = UNet2DOutput  # the name ddpm used first
 
 
 class UNet(nn.Module):
@@ -194,12 +200,12 @@ class UNet(nn.Module):
         return emb
 
     def forward(self, sample: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
-                return_dict: bool = True) -> UNetOutput | tuple[Tensor]:
+                return_dict: bool = True) -> UNet2DOutput | tuple[Tensor]:
         """Predict from a noisy ``sample`` ``[N, in_channels, H, W]`` at ``timestep``.
 
         ``timestep``: a Python number, a 0-d tensor, or a tensor with one entry per sample (noise levels sigma
         > 0 for the "fourier" embedding, integer indices for "learned"). ``class_labels``: ``[N]`` integer labels
-        (or ``[N, temb_dim]`` vectors for ``class_embed_type="identity"``). Returns ``UNetOutput(sample)`` with
+        (or ``[N, temb_dim]`` vectors for ``class_embed_type="identity"``). Returns ``UNet2DOutput(sample)`` with
         ``sample`` ``[N, out_channels, H, W]``, or the 1-tuple ``(sample,)`` when ``return_dict=False``.
         H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``.
         """
@@ -238,7 +244,7 @@ class UNet(nn.Module):
             x = x / t.reshape(-1, 1, 1, 1)
         if sample.is_contiguous() or not sample.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()  # NCHW in (or any other layout), NCHW out; channels_last in, channels_last out
-        return UNetOutput(x) if return_dict else (x,)
+        return UNet2DOutput(x) if return_dict else (x,)
 
     # --- diffusers' folder format --------------------------------------------------------------------------------
 

@@ -7,12 +7,12 @@ import dataclasses
 from typing import Literal
 
 from ddpm.blocks import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, canonical_block_type
-from ddpm.config import check_choice, check_int, check_number
+from ddpm.config import FrozenConfig, check_choice, check_int, check_number
 from ddpm.layers import ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(FrozenConfig):
     """diffusers' ``UNet2DModel`` config: same keys, same defaults. Invalid values raise ``ValueError``."""
 
     sample_size: int | tuple[int, int] | None = None

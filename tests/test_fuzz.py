@@ -282,7 +282,7 @@ def check_scheduler(cls: type, overrides: dict[str, Any], num_inference_steps: i
         model_output[:, 3:] = model_output[:, 3:].abs() if scheduler.config.variance_type == "learned" else 0.3
     for t in {int(scheduler.timesteps[0]), int(scheduler.timesteps[-1])}:
         kwargs = dict(eta=eta) if cls is DDIMScheduler else {}
-        prev, x0 = scheduler.step(model_output, t, sample, generator=generator, **kwargs)
+        prev, x0 = scheduler.step(model_output, t, sample, generator=generator, **kwargs).to_tuple()
         assert prev.shape == x0.shape == sample.shape
         assert _finite_or_degenerate(prev, scheduler, t), f"non-finite step at t={t} for {overrides}"
     noisy = scheduler.add_noise(sample, model_output[:, :3], torch.tensor([0, n_train - 1]))

@@ -298,8 +298,9 @@ def test_api_surface():
     assert [int(s.previous_timestep(t)) for t in s.timesteps] == [int(theirs.previous_timestep(t)) for t in theirs.timesteps]
     out = s.step(x, 40, x, generator=torch.Generator().manual_seed(0))
     assert isinstance(out, SchedulerOutput)
-    prev, x0 = out
-    assert prev is out.prev_sample and x0 is out[1]
+    prev, x0 = out.to_tuple()
+    assert prev is out.prev_sample is out["prev_sample"] and x0 is out[1]
+    assert list(out.keys()) == ["prev_sample", "pred_original_sample"]  # a mapping, as diffusers' BaseOutput
     plain = s.step(x, 40, x, generator=torch.Generator().manual_seed(0), return_dict=False)
     assert type(plain) is tuple and torch.equal(plain[0], prev)
 

@@ -98,8 +98,8 @@ def test_output_as_attribute_and_tuple() -> None:
     assert isinstance(out, UNetOutput)
     assert out.sample.shape == (2, 3, 8, 8)
     assert torch.equal(out[0], out.sample)
-    (unpacked,) = out
-    assert torch.equal(unpacked, out.sample)
+    (unpacked,) = out.to_tuple()
+    assert unpacked is out.sample is out["sample"] and list(out.keys()) == ["sample"]
     assert type(plain) is tuple and len(plain) == 1
     assert torch.equal(plain[0], out.sample)
 
