@@ -333,6 +333,8 @@ def swap_in(config_class: type[SchedulerConfig], source: Mapping[str, Any],
                              f"{', '.join(sorted(fields))})")
     if carried:
         logger.debug("%s: keeping the keys of other schedulers aside: %s", name, sorted(carried))
+    if config_class is DDPMSchedulerConfig and kwargs.get("variance_type", "") is None:
+        del kwargs["variance_type"]  # DPM-Solver's None (no variance channels) is DDPM's default, fixed_small
     for key, foreign in (("solver_type", FOREIGN_SOLVER_TYPES), ("algorithm_type", FOREIGN_ALGORITHM_TYPES)):
         allowed = _choices(config_class, key)
         if key in kwargs and kwargs[key] not in allowed and kwargs[key] in foreign:
