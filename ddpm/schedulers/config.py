@@ -41,10 +41,12 @@ FOREIGN_ALGORITHM_TYPES = ("deis",)
 
 
 @dataclass(frozen=True, eq=False)
-class SchedulerConfig(FrozenConfig):
+class SchedulerConfig(FrozenConfig, dict):  # type: ignore[misc]
     """What every scheduler's config has: the β schedule, the model's prediction type and the timestep spacing.
 
-    Equality is that of the mappings (fields and metadata), as for diffusers' ``FrozenDict``; compare
+    Like diffusers' ``FrozenDict`` it is a read-only ``dict`` (diffusers' own ``from_config`` accepts only dicts, so
+    ``diffusers.DPMSolverMultistepScheduler.from_config(ddpm_scheduler.config)`` works too); its dict storage
+    mirrors the mapping. Equality is that of the mappings (fields and metadata), as for ``FrozenDict``; compare
     ``dataclasses.astuple`` for the fields alone."""
 
     _class_name: ClassVar[str]
@@ -61,8 +63,23 @@ class SchedulerConfig(FrozenConfig):
 
     def __post_init__(self) -> None:
         _check_schedule(self)
+        self._mirror()
 
     # ---- diffusers' FrozenDict view: fields, then metadata
+
+    def _mirror(self) -> None:
+        # fill the dict storage with what the mapping shows (C code such as json.dumps reads the storage)
+        dict.clear(self)
+        dict.update(self, {key: self[key] for key in self})
+
+    def _frozen(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} is frozen: build a new config, e.g. X.from_config(config, key=...)")
+
+    update = pop = popitem = clear = setdefault = __ior__ = _frozen  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy/pickle: rebuild from the fields, then the metadata
+        return (_rebuild, (type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                           dict(self.__dict__.get("_extra", {}))))
 
     def _metadata(self) -> dict[str, Any]:
         meta = dict(self.__dict__.get("_extra", {}))
@@ -96,7 +113,7 @@ class SchedulerConfig(FrozenConfig):
             return dict(self) == dict(other)
         return NotImplemented
 
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # type: ignore[override]  # frozen, so hashable (a plain dict is not)
         return hash(dataclasses.astuple(self))
 
     def hidden(self) -> dict[str, Any]:
@@ -111,6 +128,13 @@ class SchedulerConfig(FrozenConfig):
         return out
 
 
+def _rebuild(cls: type[SchedulerConfig], fields: dict[str, Any], extra: dict[str, Any]) -> SchedulerConfig:
+    config = cls(**fields)
+    object.__setattr__(config, "_extra", extra)
+    config._mirror()
+    return config
+
+
 def with_metadata(config: SchedulerConfig, given: set[str], hidden: Mapping[str, Any]) -> SchedulerConfig:
     """``config`` carrying ``hidden`` keys of other schedulers and, as ``_use_default_values``, the fields not in
     ``given`` (diffusers' record of what the user never chose). Returns the same object."""
@@ -119,6 +143,7 @@ def with_metadata(config: SchedulerConfig, given: set[str], hidden: Mapping[str,
     if defaulted:
         extra["_use_default_values"] = defaulted
     object.__setattr__(config, "_extra", extra)
+    config._mirror()
     return config
 
 
@@ -418,8 +443,8 @@ def _check_schedule(c: SchedulerConfig) -> None:
 
 
 def _check_thresholding(c: _ThresholdingConfig) -> None:
-    if not 0 < check_number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio) <= 1:
-        raise ValueError(f"dynamic_thresholding_ratio={c.dynamic_thresholding_ratio!r} must be in (0, 1]")
+    if not 0 <= check_number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio) <= 1:  # a quantile
+        raise ValueError(f"dynamic_thresholding_ratio={c.dynamic_thresholding_ratio!r} must be in [0, 1]")
     if check_number("sample_max_value", c.sample_max_value) <= 0:
         raise ValueError(f"sample_max_value={c.sample_max_value} must be positive")
 

@@ -61,10 +61,11 @@ class EulerDiscreteScheduler(SigmaScheduler):
         self._levels = V.noise_levels(self.sigmas)
 
     @property
-    def init_noise_sigma(self) -> float:
-        """σ_max for linspace/trailing spacing, √(σ_max² + 1) for leading: the start x ~ N(0, init_noise_sigma² I)."""
+    def init_noise_sigma(self) -> Tensor:
+        """σ_max for linspace/trailing spacing, √(σ_max² + 1) for leading: the start x ~ N(0, init_noise_sigma² I).
+        A 0-d float32 CPU tensor, as in diffusers."""
         max_sigma = self.sigmas.max()
-        return float(max_sigma if self.config.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5)
+        return max_sigma if self.config.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None) -> None:
@@ -133,8 +134,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
                              "integer index from enumerate(timesteps)")
         if not self.is_scale_input_called:
             logger.warning("scale_model_input was not called before step: the model saw an unscaled input")
-        self._check_ready()
-        i = self._init_step_index(timestep)
+        i = self._init_step_index(timestep)  # (before set_timesteps, the schedule is every training timestep)
         if i >= len(self._timestep_values):
             raise ValueError("all steps are done: call set_timesteps to sample again")
         level = self._levels[i]

@@ -46,10 +46,11 @@ class HeunDiscreteScheduler(SigmaScheduler):
         self.set_timesteps(num_train_timesteps)  # as diffusers: usable before set_timesteps, with every timestep
 
     @property
-    def init_noise_sigma(self) -> float:
-        """σ_max for linspace/trailing spacing, √(σ_max² + 1) for leading: the start x ~ N(0, init_noise_sigma² I)."""
+    def init_noise_sigma(self) -> Tensor:
+        """σ_max for linspace/trailing spacing, √(σ_max² + 1) for leading: the start x ~ N(0, init_noise_sigma² I).
+        A 0-d float32 CPU tensor, as in diffusers."""
         max_sigma = self.sigmas.max()
-        return float(max_sigma if self.config.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5)
+        return max_sigma if self.config.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
 
     @property
     def state_in_first_order(self) -> bool:
