@@ -177,10 +177,11 @@ def dpm_solver_coefficients(sigmas: Tensor, order: int, algorithm: DPMAlgorithm,
     """Per-step scalars of ``order``-th order multistep DPM-Solver over a σ schedule (float32 [n + 1]); row i is
     the step from σ_i to σ_i+1 (rows i < order − 1 lack history and are never used).
 
-    dpmsolver: Lu et al. 2022a, Eq. 3.7 (order 1 = DDIM) and its multistep form (Appendix B); the data-prediction
-    dpmsolver++: Lu et al. 2022b, Eq. 9 and Algorithm 2 (2M), with the "heun" variant using the first-order
-    Taylor term ((e^−h − 1)/h + 1) for D1 instead of midpoint's ½(1 − e^−h); sde-dpmsolver++: the SDE solver of
-    Lu et al. 2022b, Sec. 5 (x scaled by e^−h, weight 1 − e^−2h, fresh noise √(1 − e^−2h) σ_t z).
+    Each is the exact solution of the diffusion ODE in λ (Lu et al. 2022a, Eq. 3.4) with the model output expanded
+    in λ around s_0: dpmsolver (Lu et al. 2022a, Sec. 3; order 1 is DDIM) integrates ε_θ, dpmsolver++ (Lu et al.
+    2022b, Sec. 4, Algorithm 2 for 2M) the data prediction x_θ. The "heun" form weighs D1 by the φ_2 term
+    ((e^−h − 1)/h + 1), "midpoint" by ½(1 − e^−h). The SDE variants (Lu et al. 2022b, Sec. 5) shrink x by e^−h
+    more, double the model weight's exponent (1 − e^−2h) and add fresh noise √(1 − e^−2h) σ_t z.
     """
     alpha, sigma, lam = alpha_sigma_lambda(sigmas.float())
     n = sigmas.shape[0] - 1
@@ -219,7 +220,7 @@ def dpm_solver_coefficients(sigmas: Tensor, order: int, algorithm: DPMAlgorithm,
         if order == 3:
             c2 = a_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
         noise = sig_t * torch.sqrt(1.0 - torch.exp(-2 * h))
-    elif algorithm == "sde-dpmsolver":  # the noise-prediction SDE solver (Lu et al. 2022a, Appendix; orders 1-2)
+    elif algorithm == "sde-dpmsolver":  # the noise-prediction SDE solver (Lu et al. 2022b, Sec. 5; orders 1-2)
         x_coeff, ep1 = a_t / a_s0, torch.exp(h) - 1.0
         c0 = -(2.0 * (sig_t * ep1))
         if order == 2 and solver_type == "midpoint":
@@ -261,7 +262,7 @@ def dpm_solver_update(x: Tensor, outputs: Sequence[Tensor], c: DPMCoefficients, 
 # ---------------------------------------------------------------------------------------------- UniPC
 
 class UniPCCoefficients(NamedTuple):
-    """Scalars of one UniPC step s_0 → t of a given order (Zhao et al. 2023, Algorithms 1-2), float32 values.
+    """Scalars of one UniPC step s_0 → t of a given order (Zhao et al. 2023, Sec. 3), float32 values.
 
     With h = λ_t − λ_s0, r_k = (λ_{s_k} − λ_s0)/h for the earlier points s_1, s_2 and D_k = (m_k − m0)/r_k:
         predictor UniP:  x_t  = x_coeff x − m0_coeff m0 − b_coeff Σ_k ρ^p_k D_k
@@ -281,9 +282,9 @@ def unipc_coefficients(sigmas: Tensor, order: int, solver_type: UniPCSolverType,
     """Per-step scalars of order-``order`` UniPC over a σ schedule (float32 [n + 1]); row i is the step σ_i → σ_i+1
     (the predictor of step i and the corrector applied at step i + 1). Rows i < order − 1 are never used.
 
-    The weights solve the order conditions of Zhao et al. 2023, Eq. 9 / Algorithm 2: R ρ = b with R_jk = r_k^(j−1)
-    and b_j = j! h φ_{j+1}(hh)/B(h), h φ_{k+1} from the recursion φ_{k+1} = (φ_k − 1/k!)/hh. The second-order
-    predictor uses ρ = ½ (Zhao et al., Sec. 3.3), the first-order corrector too.
+    The weights solve UniPC's order conditions (Zhao et al. 2023, Sec. 3): R ρ = b with R_jk = r_k^(j−1) and
+    b_j = j! h φ_{j+1}(hh)/B(h), the φ from the recursion φ_{k+1} = (φ_k − 1/k!)/hh. The second-order predictor and
+    the first-order corrector use ρ = ½ instead of a solve, as the authors' code does.
     """
     alpha, sigma, lam = alpha_sigma_lambda(sigmas.float())
     n = sigmas.shape[0] - 1
@@ -317,12 +318,10 @@ def unipc_coefficients(sigmas: Tensor, order: int, solver_type: UniPCSolverType,
     x_coeff = torch.where(still, 1.0, x_coeff)
     m0_coeff, b_coeff = torch.where(still, 0.0, m0_coeff), torch.where(still, 0.0, b_coeff)
     rho_p, rho_c = (torch.where(still.unsqueeze(1), 0.0, rho) for rho in (rho_p, rho_c))
-    rows = []
-    for i in range(n):
-        rows.append(UniPCCoefficients(order, float(x_coeff[i]), float(m0_coeff[i]), float(b_coeff[i]),
-                                      tuple(rks_t[i, :-1].tolist()), tuple(rho_p[i].tolist()),
-                                      tuple(rho_c[i].tolist())))
-    return rows
+    columns = (x_coeff.tolist(), m0_coeff.tolist(), b_coeff.tolist(), rks_t[:, :-1].tolist(), rho_p.tolist(),
+               rho_c.tolist())
+    return [UniPCCoefficients(order, x, m0, b_, tuple(r), tuple(rp), tuple(rc))
+            for x, m0, b_, r, rp, rc in zip(*columns)]
 
 
 def _solve(R: Tensor, b: Tensor) -> Tensor:
@@ -344,14 +343,14 @@ def _weighted_differences(outputs: Sequence[Tensor], r: tuple[float, ...], rho: 
 
 
 def unipc_predict(x: Tensor, outputs: Sequence[Tensor], c: UniPCCoefficients, noise: Tensor | None = None) -> Tensor:
-    """UniP-p, the predictor (Zhao et al. 2023, Algorithm 1): x_s → x_t from the last ``c.order`` outputs."""
+    """UniP-p, the predictor (Zhao et al. 2023): x_s → x_t from the last ``c.order`` outputs."""
     out = (c.x_coeff * x).sub_(c.m0_coeff * outputs[-1])
     res = _weighted_differences(outputs, c.r, c.rho_p)
     return out if res is None else out.sub_(c.b_coeff * res)
 
 
 def unipc_correct(x: Tensor, outputs: Sequence[Tensor], c: UniPCCoefficients, model_t: Tensor) -> Tensor:
-    """UniC-p, the corrector (Zhao et al. 2023, Algorithm 2): recompute x_t from x_s with the model's output
+    """UniC-p, the corrector (Zhao et al. 2023): recompute x_t from x_s with the model's output
     ``model_t`` at the predicted x_t as one more point (raising the order by one, at no extra model call)."""
     out = (c.x_coeff * x).sub_(c.m0_coeff * outputs[-1])
     res = _weighted_differences(outputs, c.r, c.rho_c[:-1])
@@ -392,7 +391,7 @@ def karras_denoised(prediction_type: str, model_output: Tensor, sample: Tensor, 
 
 
 def ode_derivative(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
-    """dx/dσ = (x − D(x; σ))/σ, the probability-flow ODE in σ (Karras et al. 2022, Eq. 3 with σ(t) = t)."""
+    """dx/dσ = (x − D(x; σ))/σ, the probability-flow ODE in σ (Karras et al. 2022, Sec. 2 with σ(t) = t)."""
     return (x - denoised) / sigma
 
 

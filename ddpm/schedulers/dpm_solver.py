@@ -32,7 +32,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     """
 
     config_class = DPMSolverMultistepSchedulerConfig
-    default_num_inference_steps = 20  # DPM-Solver++ is near convergence at 20 steps (Lu et al. 2022b, Sec. 6)
+    default_num_inference_steps = 20  # DPM-Solver++ samples well in 10-20 steps (Lu et al. 2022b)
     unlisted_is_last = True
     variance_preserving = True
     init_noise_sigma = 1.0  # x_T ~ N(0, I)
@@ -147,7 +147,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         if i >= n:
             raise ValueError(f"all {n} steps are done: call set_timesteps to sample again")
         c = self.config
-        # lower orders at the end stabilise few-step sampling (Lu et al. 2022b, Sec. 6); a zero final σ has λ = ∞
+        # lower orders at the end stabilise sampling below 15 steps (diffusers' rule); a zero final σ has λ = ∞
         lower_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
                                       or c.final_sigmas_type == "zero")
         lower_second = i == n - 2 and c.lower_order_final and n < 15

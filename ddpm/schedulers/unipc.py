@@ -28,7 +28,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
     "bh2" (B(h) = e^h − 1); ``disable_corrector`` lists step indices whose correction is skipped."""
 
     config_class = UniPCMultistepSchedulerConfig
-    default_num_inference_steps = 20  # UniPC reaches DPM-Solver++'s 20-step quality in fewer (Zhao et al., Sec. 5)
+    default_num_inference_steps = 20  # as DPM-Solver++: UniPC is at least as good per step (Zhao et al. 2023)
     unlisted_is_last = True
     variance_preserving = True
     init_noise_sigma = 1.0  # x_T ~ N(0, I)
