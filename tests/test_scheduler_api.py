@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler, SchedulerOutput, draw_noise  # noqa: F401
+from ddpm.schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler, SchedulerOutput, draw_noise
 
 NAMES = list(SCHEDULERS)
 SHAPE = (2, 3, 4, 4)
@@ -39,6 +39,19 @@ def as_dict(config, drop=("_use_default_values",)):
 
 def both(name, **kw):
     return getattr(ddpm, name)(**kw), getattr(diffusers, name)(**kw)
+
+
+def test_import_paths_and_the_class_table():
+    # `from ddpm import X` and `from ddpm.schedulers import X` are the same classes; SCHEDULERS maps diffusers'
+    # class names (a saved config's _class_name) to them
+    assert NAMES == ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                     "EulerDiscreteScheduler", "HeunDiscreteScheduler"]
+    for name, cls in SCHEDULERS.items():
+        assert getattr(ddpm, name) is cls and cls.__name__ == name and hasattr(diffusers, name)
+    assert (DDPMScheduler, DDIMScheduler) == (ddpm.DDPMScheduler, ddpm.DDIMScheduler)
+    noise = draw_noise((2, 3, 4, 4), [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)],
+                       torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(noise[1:], torch.randn((1, 3, 4, 4), generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("name", NAMES)

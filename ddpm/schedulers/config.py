@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
 import numpy as np
+import torch
 
 from ddpm import schedule as S
 from ddpm import solvers as V
@@ -385,7 +386,7 @@ def betas_tuple(trained_betas: Any) -> tuple[float, ...] | None:
     """A list, array or tensor of β_t as the config's tuple of Python floats (values are checked by the config)."""
     if trained_betas is None:
         return None
-    if hasattr(trained_betas, "detach"):  # a torch.Tensor, without importing torch here
+    if isinstance(trained_betas, torch.Tensor):
         trained_betas = trained_betas.detach().cpu().double().numpy()
     try:
         betas = np.asarray(trained_betas)
