@@ -13,11 +13,14 @@ __all__ = ["UNet", "DDPMScheduler", "DDIMScheduler", "Pipeline"]
 # Re-exported lazily so that `import ddpm` (and `python -m ddpm.sample --help`) stays fast; the names
 # resolve on first use exactly as plain imports would.
 _HOME = {"UNet": "ddpm.unet", "DDPMScheduler": "ddpm.schedulers", "DDIMScheduler": "ddpm.schedulers",
-         "Pipeline": "ddpm.pipeline"}
+         "Pipeline": "ddpm.pipeline",
+         "DPMSolverMultistepScheduler": "ddpm.schedulers", "UniPCMultistepScheduler": "ddpm.schedulers",
+         "EulerDiscreteScheduler": "ddpm.schedulers", "HeunDiscreteScheduler": "ddpm.schedulers"}
 
 if TYPE_CHECKING:
     from ddpm.pipeline import Pipeline
-    from ddpm.schedulers import DDIMScheduler, DDPMScheduler
+    from ddpm.schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                                 HeunDiscreteScheduler, UniPCMultistepScheduler)
     from ddpm.unet import UNet
 
 

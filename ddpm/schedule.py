@@ -57,12 +57,22 @@ def cosine_betas(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0
     return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float32)
 
 
-def make_betas(schedule: BetaSchedule, num_train_timesteps: int, beta_start: float, beta_end: float,
-               trained_betas: Sequence[float] | None = None) -> Tensor:
+def exp_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
+    """β_t from ᾱ(t) = exp(−12 t), discretised as ``cosine_betas`` does (HeunDiscreteScheduler's "exp" schedule in
+    diffusers). Python float64 maths, stored float32. Shape [T]."""
+    T = num_train_timesteps
+    return torch.tensor([min(1 - math.exp(-12 * (i + 1) / T) / math.exp(-12 * i / T), max_beta) for i in range(T)],
+                        dtype=torch.float32)
+
+
+def make_betas(schedule: BetaSchedule | Literal["exp"], num_train_timesteps: int, beta_start: float,
+               beta_end: float, trained_betas: Sequence[float] | None = None) -> Tensor:
     """β_1..β_T as a float32 tensor of shape [T]; ``trained_betas`` overrides the schedule."""
     T = num_train_timesteps
     if trained_betas is not None:
         return torch.tensor(list(trained_betas), dtype=torch.float32)
+    if schedule == "exp":  # only HeunDiscreteScheduler offers it
+        return exp_betas(T)
     if schedule == "linear":  # Ho et al. 2020, Sec. 4: β linear from 1e-4 to 0.02
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
     if schedule == "scaled_linear":  # latent diffusion: linear in √β
