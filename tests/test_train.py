@@ -178,7 +178,8 @@ def test_bundled_dataset_run_with_laptop_defaults(tmp_path, capsys):
     assert config.uses_embedded_data and config.learning_rate == LAPTOP_PROFILE["learning_rate"]
     result = train(config)
     assert result.global_step == 2
-    assert "bundled Fashion-MNIST" in capsys.readouterr().out  # the hint that the full defaults want a GPU
+    hint = [line for line in capsys.readouterr().out.splitlines() if "no dataset flag" in line]
+    assert len(hint) == 1 and len(hint[0]) <= 100 and "laptop profile" in hint[0]  # a hint of one line
     unet_config = json.loads((tmp_path / "fm" / "unet" / "config.json").read_text())
     assert unet_config["in_channels"] == 1 and unet_config["block_out_channels"] == [16, 32, 64]
     grid = Image.open(tmp_path / "fm" / "samples" / "epoch_0000.png")
@@ -478,12 +479,6 @@ BAD_INPUTS = {
     "missing checkpoint": (["--train_data_dir", "{images}", "--resume_from_checkpoint", "checkpoint-999"],
                            "no such checkpoint"),
     "offline hub dataset": (["--dataset_name", "someone/flowers"], "--train_data_dir"),
-    "infinite learning rate": (["--train_data_dir", "{images}", "--learning_rate", "inf"],
-                               "--learning_rate must be a finite number, got inf"),
-    "NaN noise offset": (["--train_data_dir", "{images}", "--noise_offset", "nan"],
-                         "--noise_offset must be a finite number, got nan"),
-    "logs is a file": (["--train_data_dir", "{images}", "--output_dir", "{root}/logs_is_a_file"],
-                       "logs_is_a_file/logs exists and is not a folder"),
     "missing model config": (["--train_data_dir", "{images}", "--model_config_name_or_path", "{root}/nope.json"],
                              "nope.json"),
 }
@@ -496,8 +491,6 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(files, tmp_path):
     (root / "junk").mkdir(exist_ok=True)
     (root / "junk" / "a.png").write_bytes(b"not an image")
     (root / "s8.json").write_text(json.dumps({**TINY_UNET, "sample_size": 8}))
-    (root / "logs_is_a_file").mkdir(exist_ok=True)
-    (root / "logs_is_a_file" / "logs").write_text("not a folder")  # tensorboard's TensorBoardTracker hid this
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     running = {}
     for i, (case, (flags, expected)) in enumerate(BAD_INPUTS.items()):
@@ -506,9 +499,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(files, tmp_path):
             flags += ["--model_config_name_or_path", str(files["config"])]
         if "--resolution" not in flags:
             flags += ["--resolution", "16"]
-        if "--output_dir" not in flags:
-            flags += ["--output_dir", str(tmp_path / f"out{i}")]
-        flags += ["--cache_dir", str(tmp_path / f"cache{i}")]
+        flags += ["--output_dir", str(tmp_path / f"out{i}"), "--cache_dir", str(tmp_path / f"cache{i}")]
         running[case] = subprocess.Popen([sys.executable, "-m", "ddpm.train", *flags], env=env, text=True,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for case, process in running.items():
@@ -518,8 +509,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(files, tmp_path):
         assert "Traceback" not in stderr, case
         assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], (case, stderr)
         assert stderr.strip().splitlines()[-1] == errors[0], (case, stderr)
-        output_dir = flags[flags.index("--output_dir") + 1]
-        assert not os.path.exists(output_dir) or os.listdir(output_dir) == ["logs"], case  # nothing created
+        assert not os.path.exists(flags[flags.index("--output_dir") + 1]), case  # nothing created
     r = run_cli("--train_data_dir", root / "nope", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr and "DataError" in r.stderr
 

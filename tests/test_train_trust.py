@@ -224,6 +224,22 @@ def test_overwrite_output_dir_deletes_the_earlier_run_once_checked(files, copy, 
     assert sorted(p.name for p in copy.glob("*checkpoint-*")) == ["checkpoint-2"]
 
 
+@pytest.mark.parametrize("bad, words", [
+    (["--learning_rate", "inf"], ["--learning_rate must be a finite number, got inf"]),
+    (["--noise_offset", "nan"], ["--noise_offset must be a finite number, got nan"]),
+    (["--logging_dir", "taken"], ["taken exists and is not a folder"]),  # TensorBoardTracker's error hid this
+])
+def test_bad_values_are_one_line_before_anything_is_created(files, tmp_path, capsys, bad, words):
+    out = tmp_path / "fresh"
+    if "taken" in bad:
+        out.mkdir()
+        (out / "taken").write_text("a file where the logs would go")
+    before = snapshot(tmp_path)
+    code, _, err = cli([*flags(files, out), *bad], capsys)
+    one_line_error(code, err, *words)
+    assert snapshot(tmp_path) == before and (out.exists() == ("taken" in bad))
+
+
 # ---- 5. one run per output folder ---------------------------------------------------------------------------
 
 

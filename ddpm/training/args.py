@@ -77,8 +77,7 @@ LAPTOP_PROFILE: dict[str, Any] = {
 LAPTOP_WITH_DATASET: dict[str, Any] = {"model_config_name_or_path": str(SMALL_RGB_UNET_CONFIG),
                                        "output_dir": "ddpm-model-32"}
 EMBEDDED_DEFAULTS = LAPTOP_PROFILE  # the name used before profiles had names
-GPU_HINT = ("ddpm.train: no dataset flag: the laptop profile on the bundled Fashion-MNIST subset "
-            "(python -m ddpm.train --help lists it)")
+GPU_HINT = "ddpm.train: no dataset flag: the laptop profile on bundled Fashion-MNIST (--help lists it)"
 
 
 def profile_defaults(profile: Literal["laptop", "train_unconditional"], embedded_data: bool) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from ddpm import checkpoint
 from ddpm.cli import first_line
 from ddpm.config import read_json
 from ddpm.training.args import TrainConfig
-from ddpm.training.checkpoints import (ABANDONED_PREFIX, PREFIX, TMP_PREFIX, checkpoint_folders,
-                                       normalised_unet_config)
+from ddpm.training.checkpoints import (ABANDONED_PREFIX, MARKER, PREFIX, TMP_PREFIX, checkpoint_folders,
+                                       is_complete, normalised_unet_config)
 from ddpm.training.lock import LOCK_NAME
 
 # train_unconditional.py's default model: six levels, attention in the 5th down and 2nd up block.
@@ -107,10 +107,15 @@ def check_output_dir(config: TrainConfig, unet_config: dict[str, Any], resuming:
         return sorted(entry for entry in out.iterdir()
                       if entry.name.startswith((PREFIX, TMP_PREFIX, ABANDONED_PREFIX, STAGE_NAME))
                       or entry.name in (*PIPELINE_FILES, "samples"))
-    old_checkpoints = [p.name for _, p in checkpoint_folders(out)]
-    if old_checkpoints:
-        raise ValueError(f"--output_dir {out} already holds checkpoints of an earlier run ({', '.join(old_checkpoints)}); "
-                         f"continue it with --resume_from_checkpoint latest, or start over with --overwrite_output_dir")
+    folders = checkpoint_folders(out)
+    if any(is_complete(path) for _, path in folders):
+        names = ", ".join(path.name for _, path in folders)
+        raise ValueError(f"--output_dir {out} already holds checkpoints of an earlier run ({names}); continue it "
+                         f"with --resume_from_checkpoint latest, or start over with --overwrite_output_dir")
+    if folders:  # none of them complete: nothing to resume from, but not ours to delete either
+        names = ", ".join(path.name for _, path in folders)
+        raise ValueError(f"--output_dir {out} holds checkpoint folders that cannot be resumed (no {MARKER} marker: "
+                         f"{names}); start over with --overwrite_output_dir, or choose another --output_dir")
     unet_json = out / "unet" / checkpoint.MODEL_CONFIG_NAME
     if (out / checkpoint.PIPELINE_INDEX_NAME).is_file() and unet_json.is_file():
         new = normalised_unet_config(unet_config)
