@@ -183,10 +183,8 @@ def choose_checkpoint(output_dir: str, value: str, unet_config: Mapping[str, Any
         return None
     if value != "latest":
         return path, verify_checkpoint(path, unet_config, scheduler_config, use_ema)
-    candidates = [p for _, p in reversed(complete_checkpoints(output_dir)) if int(p.name[len(PREFIX):]) <=
-                  int(path.name[len(PREFIX):])]
     problems = []
-    for candidate in candidates:
+    for _, candidate in reversed(complete_checkpoints(output_dir)):  # newest first; ``path`` is the first
         try:
             state = verify_checkpoint(candidate, unet_config, scheduler_config, use_ema)
         except DamagedCheckpoint as e:
@@ -377,6 +375,11 @@ def verify_checkpoint(path: Path, unet_config: Mapping[str, Any], scheduler_conf
     if use_ema and f"{UNET_EMA}/{WEIGHTS_NAME}" not in manifest["files"]:
         raise CheckpointError(f"{path} holds no EMA weights ({UNET_EMA}/) but --use_ema is on; resume without "
                               f"--use_ema or from a checkpoint of an EMA run")
+    if use_ema:
+        ema_step = _read_config(path / UNET_EMA / MODEL_CONFIG_NAME).get("optimization_step")
+        if ema_step is None or ema_step != state.ema_optimization_step:
+            raise CheckpointError(f"{path / UNET_EMA / MODEL_CONFIG_NAME}: optimization_step {ema_step!r} is not "
+                                  f"{STATE_NAME}'s ema_optimization_step {state.ema_optimization_step!r}")
     ours = normalised_unet_config(unet_config)
     theirs = normalised_unet_config(_read_config(path / UNET / MODEL_CONFIG_NAME))
     differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
@@ -528,9 +531,8 @@ def load_checkpoint(path: Path, state: TrainerState, objects: TrainingObjects, p
         raise CheckpointError(f"{path / UNET / WEIGHTS_NAME} does not fit the model: {first_line(e)}") from None
     if objects.ema is not None:
         ema_weights = _load(path / UNET_EMA / WEIGHTS_NAME)
-        ema_config = _read_config(path / UNET_EMA / MODEL_CONFIG_NAME)
         objects.ema.load_state_dict({"shadow": {k: ema_weights[k] for k in objects.ema.shadow},
-                                     "optimization_step": int(ema_config["optimization_step"])})
+                                     "optimization_step": state.ema_optimization_step})
 
     names = _parameter_names(objects.model, objects.optimizer)
     index_of = {name: i for i, name in enumerate(names)}
