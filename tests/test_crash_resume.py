@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpm.training import checkpoints
+from ddpm.training import checkpoints, resume
 from ddpm.training.signals import StopRequest
 from helpers import write_training_files
 
@@ -229,12 +229,12 @@ def test_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ddpm.training.checkpoints"):
         assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert "checkpoint-12" in caplog.text and "incomplete" in caplog.text
-    assert checkpoints.resolve_resume(str(tmp_path), "checkpoint-2") == tmp_path / "checkpoint-2"
-    with pytest.raises(checkpoints.CheckpointError, match="checkpoint-12 is incomplete"):
-        checkpoints.resolve_resume(str(tmp_path), "checkpoint-12")
-    with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint.*checkpoint-2, checkpoint-10"):
-        checkpoints.resolve_resume(str(tmp_path), "checkpoint-7")
-    assert checkpoints.resolve_resume(str(tmp_path / "empty"), "latest") is None
+    assert resume.resolve_resume(str(tmp_path), "checkpoint-2") == tmp_path / "checkpoint-2"
+    with pytest.raises(resume.CheckpointError, match="checkpoint-12 is incomplete"):
+        resume.resolve_resume(str(tmp_path), "checkpoint-12")
+    with pytest.raises(resume.CheckpointError, match="no such checkpoint.*checkpoint-2, checkpoint-10"):
+        resume.resolve_resume(str(tmp_path), "checkpoint-7")
+    assert resume.resolve_resume(str(tmp_path / "empty"), "latest") is None
 
 
 def test_pruning_never_deletes_the_newest_complete_checkpoint(tmp_path):
@@ -262,4 +262,4 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / checkpoints.MARKER).write_text("done")
     assert checkpoints.prune_checkpoints(str(tmp_path), 1) == [tmp_path / "checkpoint-2"]
-    assert checkpoints.resolve_resume(str(tmp_path), "latest") == tmp_path / "checkpoint-3"
+    assert resume.resolve_resume(str(tmp_path), "latest") == tmp_path / "checkpoint-3"

@@ -26,9 +26,11 @@ from safetensors.torch import load_file
 
 from ddpm.cli import run
 from ddpm.train import main
-from ddpm.training import TrainConfig, checkpoints, train
+from ddpm import UNet
+from ddpm.training import TrainConfig, checkpoints, outputs, resume, rng, train
 from ddpm.training import loop as loop_module
 from ddpm.training.lock import LOCK_NAME, LockError, OutputLock
+from ddpm.training.lr import get_scheduler
 from helpers import TINY_UNET, write_training_files
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -388,16 +390,23 @@ def test_a_hand_edited_step_is_one_line_and_changes_nothing(files, copy, capsys,
 def test_rng_states_round_trip_through_safetensors(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # a cached gaussian in numpy's state
-    (tmp_path / "rng_state_0.safetensors").write_bytes(checkpoints._rng_state_bytes())
+    (tmp_path / "rng_state_0.safetensors").write_bytes(rng.state_bytes())
     expected = (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    checkpoints._restore_rng(tmp_path, process_index=0)
+    rng.restore(tmp_path / "rng_state_0.safetensors")
     assert (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist()) == expected
 
 
-def test_a_process_without_its_rng_state_is_warned_about_by_name(tmp_path, caplog):
-    checkpoints._restore_rng(tmp_path, process_index=1)
-    assert str(tmp_path / "rng_state_1.safetensors") in caplog.text and "NOT bit-exact" in caplog.text
+def test_a_process_without_its_rng_state_is_warned_about_by_name(files, finished, caplog):
+    """A resume with more processes than the run that wrote the checkpoint: process 1 has no RNG state."""
+    path = finished / "checkpoint-4"
+    state = resume.read_state(path)
+    config = tiny_config(files, finished)
+    model = UNet.from_config(outputs.model_config(config))
+    optimizer = torch.optim.AdamW(model.parameters())
+    objects = checkpoints.TrainingObjects(model, optimizer, get_scheduler("constant", optimizer), None, None, None)
+    resume.load_checkpoint(path, state, objects, process_index=1)
+    assert str(path / "rng_state_1.safetensors") in caplog.text and "NOT bit-exact" in caplog.text
 
 
 def test_non_finite_settings_are_refused_by_the_python_api_too():

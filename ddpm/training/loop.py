@@ -28,34 +28,33 @@ import secrets
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ddpm import data
 from ddpm.config import config_to_dict
 from ddpm.ema import EMA
-from ddpm.images import make_grid
 from ddpm.pipeline import Pipeline
-from ddpm.schedulers import DDIMScheduler, DDPMScheduler
+from ddpm.schedulers import DDPMScheduler
 from ddpm.training import checkpoints, outputs
+from ddpm.training import resume as resume_module
 from ddpm.training.args import GPU_HINT, TrainConfig, config_for_logging
 from ddpm.training.checkpoints import TrainerState, TrainingObjects
-from ddpm.training.lock import OutputLock
 from ddpm.training.loss import diffusion_loss
 from ddpm.training.lr import get_scheduler
+from ddpm.training.processes import any_process, on_main, output_folder, reset_accelerate, say, setup_logging
+from ddpm.training.samples import Scorer, sample_grid
 from ddpm.training.signals import StopRequest
 from ddpm.unet import UNet
 
-T = TypeVar("T")
 log = logging.getLogger("ddpm.train")
 
 
@@ -95,7 +94,7 @@ def train(config: TrainConfig) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, config.logging_dir)),
     )
-    _setup_logging(accelerator)
+    setup_logging(accelerator)
     try:
         with StopRequest() as stop:  # from here on, SIGTERM/Ctrl-C mean "checkpoint after this step, then stop"
             result = _train(config, accelerator, stop)
@@ -109,38 +108,38 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.end_training()
         return result
     finally:
-        _reset_accelerate()
+        reset_accelerate()
 
 
 def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> TrainResult:
     if config.uses_embedded_data:
-        _say(accelerator, GPU_HINT)
+        say(accelerator, GPU_HINT)
 
     # ---- checks that create nothing: model config, folders, data ----
     unet_config = outputs.model_config(config)
-    _on_main(accelerator, lambda: outputs.check_paths(config))
+    on_main(accelerator, lambda: outputs.check_paths(config))
     source_args = (config.dataset_name, config.dataset_config_name, config.train_data_dir, config.cache_dir)
-    rows = _on_main(accelerator, lambda: data.readable_rows(data.open_source(*source_args), progress=True))
+    rows = on_main(accelerator, lambda: data.readable_rows(data.open_source(*source_args), progress=True))
     source = data.open_source(*source_args)  # the main process built any cache above
     noise_scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
                                     prediction_type=config.prediction_type)
     scheduler_config = json.loads(json.dumps(config_to_dict(noise_scheduler.config, "DDPMScheduler")))
 
     # ---- the output folder: locked, then checked, then (--overwrite_output_dir) cleared ----
-    with _output_folder(accelerator, config.output_dir):
+    with output_folder(accelerator, config.output_dir):
         resume: tuple[Path, TrainerState] | None = None
         if config.resume_from_checkpoint is not None:
-            resume = _on_main(accelerator, lambda: checkpoints.choose_checkpoint(
+            resume = on_main(accelerator, lambda: resume_module.choose_checkpoint(
                 config.output_dir, config.resume_from_checkpoint or "", unet_config, scheduler_config, config.use_ema))
             if resume is None:
-                _say(accelerator, f"no checkpoint in {config.output_dir} yet: starting a new training run")
-        doomed = _on_main(accelerator, lambda: outputs.check_output_dir(config, unet_config,
+                say(accelerator, f"no checkpoint in {config.output_dir} yet: starting a new training run")
+        doomed = on_main(accelerator, lambda: outputs.check_output_dir(config, unet_config,
                                                                         resuming=resume is not None))
-        repo_id = _on_main(accelerator, lambda: outputs.create_hub_repo(config)) if config.push_to_hub else None
+        repo_id = on_main(accelerator, lambda: outputs.create_hub_repo(config)) if config.push_to_hub else None
         if doomed and accelerator.is_main_process:
             outputs.delete(doomed)
-            _say(accelerator, f"--overwrite_output_dir: deleted {', '.join(p.name for p in doomed)} in "
-                              f"{config.output_dir}")
+            say(accelerator, f"--overwrite_output_dir: deleted {', '.join(p.name for p in doomed)} in "
+                f"{config.output_dir}")
         accelerator.wait_for_everyone()
         return _run(config, accelerator, stop, unet_config, source, rows, noise_scheduler, resume, repo_id)
 
@@ -152,8 +151,8 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
     resumed = resume[1] if resume is not None else None
     seed = config.seed if config.seed is not None else (resumed.seed if resumed is not None else None)
     if seed is None:
-        seed = _on_main(accelerator, lambda: secrets.randbelow(2**31))
-        _say(accelerator, f"seed {seed} (pass --seed {seed} to repeat this run)")
+        seed = on_main(accelerator, lambda: secrets.randbelow(2**31))
+        say(accelerator, f"seed {seed} (pass --seed {seed} to repeat this run)")
     elif resumed is not None and resumed.seed != seed:
         log.warning("warning: --seed %s differs from the checkpoint's seed %s: the data order will not continue "
                     "the original run's", seed, resumed.seed)
@@ -191,7 +190,7 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
     last_checkpoint = str(resume[0]) if resume is not None else None
     if resume is not None:
         path, state = resume
-        checkpoints.load_checkpoint(path, state, objects, accelerator.process_index)
+        resume_module.load_checkpoint(path, state, objects, accelerator.process_index)
         global_step, nan_skips = state.global_step, state.nan_skips
         if (state.batches_per_epoch, state.gradient_accumulation_steps, state.num_processes) != \
                 (batches_per_epoch, config.gradient_accumulation_steps, accelerator.num_processes):
@@ -209,19 +208,19 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
         accelerator.wait_for_everyone()
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * config.gradient_accumulation_steps
-        _say(accelerator, f"resumed from {path} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} "
-                          f"batches already seen)")
+        say(accelerator, f"resumed from {path} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} "
+            f"batches already seen)")
 
     accelerator.init_trackers(outputs.TRACKER_PROJECT, config=config_for_logging(config))
-    _say(accelerator,
-         f"***** training *****\n  examples = {len(dataset)} ({source.description or data.EMBEDDED_NAME})\n"
-         f"  epochs = {num_epochs}, batches per epoch per process = {batches_per_epoch}\n"
-         f"  batch size per process = {config.train_batch_size}, processes = {accelerator.num_processes}, "
-         f"accumulation = {config.gradient_accumulation_steps}\n"
-         f"  optimisation steps = {max_train_steps}, parameters = {sum(p.numel() for p in unwrapped.parameters()):,}")
+    say(accelerator,
+        f"***** training *****\n  examples = {len(dataset)} ({source.description or data.EMBEDDED_NAME})\n"
+        f"  epochs = {num_epochs}, batches per epoch per process = {batches_per_epoch}\n"
+        f"  batch size per process = {config.train_batch_size}, processes = {accelerator.num_processes}, "
+        f"accumulation = {config.gradient_accumulation_steps}\n"
+        f"  optimisation steps = {max_train_steps}, parameters = {sum(p.numel() for p in unwrapped.parameters()):,}")
 
     def checkpoint(epoch: int) -> str:
-        _check_finite_weights(objects, global_step, last_checkpoint)
+        _check_finite_weights(accelerator, objects, global_step, last_checkpoint)
         state = TrainerState(
             global_step=global_step, epoch=epoch, seed=seed, nan_skips=nan_skips, batches_per_epoch=batches_per_epoch,
             gradient_accumulation_steps=config.gradient_accumulation_steps, num_processes=accelerator.num_processes,
@@ -306,7 +305,7 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
 
-                stopping = _any_process(accelerator, stop.requested)
+                stopping = any_process(accelerator, stop.requested)
                 finished = global_step >= max_train_steps
                 if global_step % config.checkpointing_steps == 0 or stopping or finished:
                     last_checkpoint = checkpoint(epoch)  # the final one when finished: a resume then trains nothing
@@ -323,7 +322,7 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
             if last:
                 break
     took = f"this run took {_duration(time.monotonic() - start)}"
-    _say(accelerator, _summary(config, global_step, last_checkpoint, took))
+    say(accelerator, _summary(config, global_step, last_checkpoint, took))
     accelerator.wait_for_everyone()  # before end_training: without it gloo can abort at exit
     return TrainResult(config.output_dir, global_step, epoch, last_checkpoint)
 
@@ -337,28 +336,28 @@ def _already_complete(config: TrainConfig, accelerator: Accelerator, objects: Tr
     complete = checkpoints.complete_checkpoints(config.output_dir)
     newest = bool(complete) and complete[-1][1].resolve() == path.resolve()
     if step > max_train_steps or not newest:
-        _say(accelerator, f"nothing to train: {path.name} is at step {step}, and --max_train_steps (or --num_epochs) "
-                          f"ends the run at step {max_train_steps}; the pipeline in {config.output_dir} is left as "
-                          f"it is")
+        say(accelerator, f"nothing to train: {path.name} is at step {step}, and --max_train_steps (or --num_epochs) "
+            f"ends the run at step {max_train_steps}; the pipeline in {config.output_dir} is left as "
+            f"it is")
         return TrainResult(config.output_dir, step, state.epoch, str(path))
     staged: outputs.StagedPipeline | None = None
     if accelerator.is_main_process:
         eval_unet = _eval_unet(objects.model, objects.ema)
         staged = outputs.StagedPipeline(_final_pipeline(eval_unet, objects.noise_scheduler), config.output_dir)
-    changed = _on_main(accelerator, lambda: staged is not None and staged.changed)
+    changed = on_main(accelerator, lambda: staged is not None and staged.changed)
     if not changed:
         if staged is not None:
             staged.discard()
-        _say(accelerator, f"the run is already complete ({step} of {max_train_steps} steps): nothing to do")
-        _say(accelerator, _summary(config, step, str(path), "finished earlier"))
+        say(accelerator, f"the run is already complete ({step} of {max_train_steps} steps): nothing to do")
+        say(accelerator, _summary(config, step, str(path), "finished earlier"))
         return TrainResult(config.output_dir, step, state.epoch, str(path))
-    _say(accelerator, f"{path.name} is the last step, but the run stopped before its final pipeline was saved: "
-                      f"saving it now")
+    say(accelerator, f"{path.name} is the last step, but the run stopped before its final pipeline was saved: "
+        f"saving it now")
     if staged is not None:
         staged.discard()
     accelerator.init_trackers(outputs.TRACKER_PROJECT, config=config_for_logging(config))
     ends(objects.model, objects.ema, state.epoch, step, True, str(path))
-    _say(accelerator, _summary(config, step, str(path), "finished now"))
+    say(accelerator, _summary(config, step, str(path), "finished now"))
     accelerator.wait_for_everyone()
     return TrainResult(config.output_dir, step, state.epoch, str(path))
 
@@ -372,7 +371,7 @@ class _EpochEnd:
                  repo_id: str | None) -> None:
         self.config, self.accelerator, self.noise_scheduler = config, accelerator, noise_scheduler
         self.repo_id = repo_id
-        self.scorer: _Scorer | None = None  # --eval_epochs: built on first use
+        self.scorer: Scorer | None = None  # --eval_epochs: built on first use
 
     def __call__(self, unwrapped: UNet, ema: EMA | None, epoch: int, global_step: int, last: bool,
                  last_checkpoint: str | None) -> None:
@@ -384,13 +383,14 @@ class _EpochEnd:
             eval_unet = _eval_unet(unwrapped, ema)  # one copy (EMA weights if on) serves all three
             staged = None
             if save:
-                _check_finite(list(eval_unet.parameters()), "the weights", global_step, last_checkpoint)
+                if not _finite(eval_unet.parameters()):
+                    raise _weights_not_finite(global_step, last_checkpoint)
                 staged = outputs.StagedPipeline(_final_pipeline(eval_unet, self.noise_scheduler), config.output_dir)
             try:
                 if grid:
-                    _sample_grid(config, accelerator, eval_unet, self.noise_scheduler, epoch, global_step)
+                    sample_grid(config, accelerator, eval_unet, self.noise_scheduler, epoch, global_step)
                 if score:
-                    self.scorer = self.scorer or _Scorer(config, unwrapped.config, accelerator.device)
+                    self.scorer = self.scorer or Scorer(config, unwrapped.config, accelerator.device)
                     self.scorer(eval_unet, self.noise_scheduler, global_step, accelerator)
             except BaseException:
                 if staged is not None:
@@ -417,96 +417,6 @@ def _check_environment(config: TrainConfig) -> None:
         raise ValueError(f"--logger {config.logger} needs the {module} package: pip install {module}")
 
 
-class _TqdmHandler(logging.Handler):
-    """Log records printed above the progress bar (``tqdm.write``), never glued onto it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def _setup_logging(accelerator: Accelerator) -> None:
-    root = logging.getLogger("ddpm")
-    if not root.handlers and not logging.getLogger().handlers:  # nobody configured logging: print ours plainly
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-        root.propagate = False
-    # Warnings once, from the main process; errors from everyone.
-    root.setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-
-
-def _say(accelerator: Accelerator, message: str) -> None:
-    """A message on stdout from the main process of each machine, printed above the progress bar."""
-    if accelerator.is_local_main_process:
-        tqdm.write(message)
-
-
-def _reset_accelerate() -> None:
-    """Forget accelerate's process-wide state, so that a later ``train()`` in this process may differ."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def _on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the main process and give its result to all; its error is raised on every process."""
-    if accelerator.num_processes == 1:
-        return fn()
-    payload: list[Any] = [None, None]
-    if accelerator.is_main_process:
-        try:
-            payload = [fn(), None]
-        except Exception as e:
-            payload = [None, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)]
-    broadcast_object_list(payload)  # between this run's own processes
-    if payload[1] is not None:
-        raise ValueError(payload[1])
-    result: T = payload[0]
-    return result
-
-
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    votes = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
-    return bool(votes.item() > 0)
-
-
-@contextmanager
-def _output_folder(accelerator: Accelerator, output_dir: str) -> Iterator[None]:
-    """Create ``output_dir`` if needed and hold its lock (main process). On an error, a folder this run created
-    and left empty is removed again."""
-    folder = Path(output_dir)
-    created = False
-    lock = OutputLock(folder)
-
-    def enter() -> None:
-        nonlocal created
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire()
-        except BaseException:
-            if created and not any(folder.iterdir()):
-                folder.rmdir()
-            raise
-
-    _on_main(accelerator, enter)
-    try:
-        yield
-    except BaseException:
-        lock.release()
-        if created and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-        raise
-    else:
-        lock.release()
-
-
 def _skip(config: TrainConfig, what: str, value: float, step: int, nan_skips: int, last_checkpoint: str | None) -> int:
     """Count one optimiser step skipped for a non-finite ``what``; stop when --max_nan_skips is used up."""
     nan_skips += 1
@@ -522,25 +432,29 @@ def _skip(config: TrainConfig, what: str, value: float, step: int, nan_skips: in
     return nan_skips
 
 
-def _check_finite(tensors: list[torch.Tensor], what: str, step: int, last_checkpoint: str | None) -> None:
-    if all(bool(torch.isfinite(t).all()) for t in tensors):
-        return
+def _finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _weights_not_finite(step: int, last_checkpoint: str | None) -> NonFiniteError:
     kept = f"the last good checkpoint, {last_checkpoint}, is kept" if last_checkpoint else "nothing is saved"
-    raise NonFiniteError(f"{what} hold NaN or infinity at step {step}: stopping before they are saved ({kept}). "
-                         f"Lower --learning_rate or check --mixed_precision")
+    return NonFiniteError(f"the weights hold NaN or infinity at step {step}: stopping before they are saved "
+                          f"({kept}). Lower --learning_rate or check --mixed_precision")
 
 
-def _check_finite_weights(objects: TrainingObjects, step: int, last_checkpoint: str | None) -> None:
-    """A checkpoint only ever holds finite weights, so "the last good checkpoint" is good."""
-    _check_finite(list(objects.model.parameters()), "the weights", step, last_checkpoint)
-    if objects.ema is not None:
-        _check_finite(list(objects.ema.shadow.values()), "the EMA weights", step, last_checkpoint)
+def _check_finite_weights(accelerator: Accelerator, objects: TrainingObjects, step: int,
+                          last_checkpoint: str | None) -> None:
+    """A checkpoint only ever holds finite weights, so "the last good checkpoint" is good. Every process agrees
+    (the EMA lives on the main process only)."""
+    ema = objects.ema.shadow.values() if objects.ema is not None else []
+    if any_process(accelerator, not _finite([*objects.model.parameters(), *ema])):
+        raise _weights_not_finite(step, last_checkpoint)
 
 
 def _interrupted(accelerator: Accelerator, config: TrainConfig, step: int, epoch: int, checkpoint: str,
                  signal_name: str) -> TrainResult:
-    _say(accelerator, f"ddpm.train: stopped by {signal_name} at step {step}; saved {checkpoint}. Resume with the "
-                      f"same flags plus --resume_from_checkpoint latest")
+    say(accelerator, f"ddpm.train: stopped by {signal_name} at step {step}; saved {checkpoint}. Resume with the "
+        f"same flags plus --resume_from_checkpoint latest")
     accelerator.wait_for_everyone()
     return TrainResult(config.output_dir, step, epoch, checkpoint, stopped_by=signal_name)
 
@@ -579,72 +493,3 @@ def _final_pipeline(unet: UNet, noise_scheduler: DDPMScheduler) -> Pipeline:
     return Pipeline(unet=unet, scheduler=DDPMScheduler.from_config(noise_scheduler.config))
 
 
-class _Scorer:
-    """Scores samples with ddpm.metrics during training (--eval_epochs). The feature network (trained once,
-    cached in output_dir) and the real images' features are prepared on first use and reused."""
-
-    def __init__(self, config: TrainConfig, unet_config: Any, device: torch.device) -> None:
-        from ddpm import evaluate, metrics
-
-        self.config, self.device = config, device
-        real = evaluate.load_real_images(config.dataset_name, config.train_data_dir, config.resolution,
-                                         unet_config.in_channels, config.dataset_config_name, config.cache_dir)
-        train, pool = evaluate.split_real_images(real)
-        self.extractor = metrics.dataset_extractor(train.images, train.labels, config.output_dir, train.description,
-                                                   steps=config.eval_extractor_steps, device=device)
-        pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))
-        self.reference = metrics.compute_features(self.extractor, pool[pick[:config.eval_num_images]])  # (N, D), once
-
-    def __call__(self, unet: UNet, noise_scheduler: DDPMScheduler, step: int, accelerator: Accelerator) -> None:
-        from ddpm import evaluate, metrics
-
-        c = self.config
-        pipeline = _inference_pipeline(c, unet, noise_scheduler)
-        with _own_rng(accelerator):  # evaluation must not move the training RNG
-            generated = evaluate.generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps,
-                                          progress=False)
-            scores = metrics.feature_metrics(self.reference, metrics.compute_features(self.extractor, generated))
-        record = {"step": step, **scores, "num_images": c.eval_num_images,
-                  "scheduler": type(pipeline.scheduler).__name__,
-                  "num_inference_steps": c.ddpm_num_inference_steps, "ema": c.use_ema}
-        evaluate.log_metrics(c.output_dir, record, {}, step=step)  # metrics.jsonl
-        accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)  # the run's tensorboard
-        _say(accelerator, "eval at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items())))
-
-
-def _inference_pipeline(config: TrainConfig, unet: UNet, noise_scheduler: DDPMScheduler,
-                        progress: dict[str, Any] | None = None) -> Pipeline:
-    # The sampling pipeline of --ddpm_inference_scheduler, on the training schedule; per-step bar as given
-    scheduler_cls = DDIMScheduler if config.ddpm_inference_scheduler == "ddim" else DDPMScheduler
-    pipeline = Pipeline(unet=unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
-    pipeline.set_progress_bar_config(**(progress or {"disable": True}))
-    return pipeline
-
-
-def _own_rng(accelerator: Accelerator) -> Any:
-    # A block whose random draws leave the training RNG (CPU, and the CUDA device if any) as it was
-    return torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else [])
-
-
-def _sample_grid(config: TrainConfig, accelerator: Accelerator, unet: UNet, noise_scheduler: DDPMScheduler,
-                 epoch: int, global_step: int) -> None:
-    # A nested bar under the step bar, so that a long grid does not look like a hang
-    bar = {"desc": "sample grid", "position": 1, "leave": False, "dynamic_ncols": True,
-           "disable": not accelerator.is_local_main_process}
-    pipeline = _inference_pipeline(config, unet, noise_scheduler, progress=bar)
-    with _own_rng(accelerator):  # sampling must not move the training RNG
-        images: list[Any] = list(pipeline(batch_size=config.eval_batch_size,
-                                          generator=torch.Generator().manual_seed(0),
-                                          num_inference_steps=config.ddpm_num_inference_steps, output_type="pil",
-                                          return_dict=False)[0])  # PIL images
-    outputs.save_image_atomically(make_grid(images), Path(config.output_dir) / "samples" / f"epoch_{epoch:04d}.png")
-    if config.logger == "tensorboard":
-        import numpy as np
-
-        pixels = np.stack([np.asarray(im.convert("RGB")) for im in images]).transpose(0, 3, 1, 2)  # [N, 3, H, W]
-        accelerator.get_tracker("tensorboard", unwrap=True).add_images("test_samples", pixels, epoch)
-    else:
-        import wandb
-
-        accelerator.get_tracker("wandb").log({"test_samples": [wandb.Image(im) for im in images], "epoch": epoch},
-                                             step=global_step)
