@@ -387,13 +387,19 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(files, tmp_path
     unet_config = outputs.model_config(config)
     with pytest.raises(ValueError, match="different model config.*block_out_channels.*--overwrite_output_dir"):
         outputs.check_output_dir(config, unet_config, resuming=False)
+    (out / "unet" / "config.json").write_text(json.dumps({**TINY_UNET, "sample_size": 16}))  # the same model
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
+    with pytest.raises(ValueError, match="noise schedule.*num_train_timesteps"):
+        outputs.check_output_dir(config, unet_config, False, {"num_train_timesteps": 50})
+    outputs.check_output_dir(config, unet_config, False, {"num_train_timesteps": 1000})  # the same: allowed
     (out / "checkpoint-3").mkdir()
     (out / "checkpoint-3" / "COMPLETE").write_text("")
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint latest"):
         outputs.check_output_dir(config, unet_config, resuming=False)
     doomed = outputs.check_output_dir(tiny_config(files, out, overwrite_output_dir=True), unet_config, resuming=False)
     assert (out / "checkpoint-3").exists() and (out / "unet").exists()  # the check deletes nothing
-    assert sorted(p.name for p in doomed) == ["checkpoint-3", "model_index.json", "unet"]
+    assert sorted(p.name for p in doomed) == ["checkpoint-3", "model_index.json", "scheduler", "unet"]
     outputs.delete(doomed)
     assert not (out / "checkpoint-3").exists() and not (out / "unet").exists()
 
@@ -441,6 +447,13 @@ def test_python_config_picks_its_profile_as_the_command_line_does():
         assert default == expected, field.name
     assert TrainConfig().model_config_name_or_path == str(SMALL_UNET_CONFIG)
     assert TrainConfig(train_data_dir="x").model_config_name_or_path is None  # the script's UNet, as the CLI
+    # The quickstart's TrainConfig(train_data_dir=..., profile="laptop"): a small RGB UNet and 50-step grids.
+    from ddpm import UNet
+
+    quick = TrainConfig(train_data_dir="my_images", profile="laptop", num_epochs=5, output_dir="my-model")
+    unet = UNet.from_config(outputs.model_config(quick))
+    assert unet.config.in_channels == 3 and sum(p.numel() for p in unet.parameters()) < 1_000_000
+    assert (quick.resolution, quick.ddpm_num_inference_steps, quick.train_batch_size) == (32, 50, 64)
 
 
 def test_help_shows_every_default_and_says_which_profile_applies(capsys):

@@ -347,6 +347,9 @@ def test_resuming_with_another_model_config_is_one_line(files, copy, tmp_path, c
     code, _, err = cli([*flags(files, copy, "--max_train_steps", 6), "--resume_from_checkpoint", "latest",
                         "--model_config_name_or_path", str(other)], capsys)
     one_line_error(code, err, "checkpoint-4", "different model config", "block_out_channels")
+    code, _, err = cli([*flags(files, copy, "--max_train_steps", 6), "--resume_from_checkpoint", "latest",
+                        "--ddpm_beta_schedule", "squaredcos_cap_v2"], capsys)
+    one_line_error(code, err, "checkpoint-4", "different noise schedule", "beta_schedule")
     assert snapshot(copy) == before
 
 

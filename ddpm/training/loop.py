@@ -133,8 +133,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
                 config.output_dir, config.resume_from_checkpoint or "", unet_config, scheduler_config, config.use_ema))
             if resume is None:
                 say(accelerator, f"no checkpoint in {config.output_dir} yet: starting a new training run")
-        doomed = on_main(accelerator, lambda: outputs.check_output_dir(config, unet_config,
-                                                                        resuming=resume is not None))
+        doomed = on_main(accelerator, lambda: outputs.check_output_dir(config, unet_config, resume is not None,
+                                                                        scheduler_config))
         repo_id = on_main(accelerator, lambda: outputs.create_hub_repo(config)) if config.push_to_hub else None
         if doomed and accelerator.is_main_process:
             outputs.delete(doomed)

@@ -14,7 +14,7 @@ from ddpm.cli import first_line
 from ddpm.config import read_json
 from ddpm.training.args import TrainConfig
 from ddpm.training.checkpoints import (ABANDONED_PREFIX, MARKER, PREFIX, TMP_PREFIX, checkpoint_folders,
-                                       is_complete, normalised_unet_config)
+                                       is_complete, normalised_unet_config, without_metadata)
 from ddpm.training.lock import LOCK_NAME
 
 # train_unconditional.py's default model: six levels, attention in the 5th down and 2nd up block.
@@ -92,8 +92,11 @@ def check_paths(config: TrainConfig) -> None:
                                                                             f" (needed to create {path})"))
 
 
-def check_output_dir(config: TrainConfig, unet_config: dict[str, Any], resuming: bool) -> list[Path]:
-    """Refuse to mix a new run into an output folder that holds another run, unless --overwrite_output_dir.
+def check_output_dir(config: TrainConfig, unet_config: dict[str, Any], resuming: bool,
+                     scheduler_config: dict[str, Any] | None = None) -> list[Path]:
+    """Refuse to mix a new run into an output folder that holds another run, unless --overwrite_output_dir: its
+    checkpoints, or a pipeline with another model config or (given ``scheduler_config``) noise schedule. So
+    within a run only the pipeline's weights file ever changes, and ``StagedPipeline`` swaps it with one rename.
 
     Changes nothing. Returns what --overwrite_output_dir (without a resume) will delete once every other check
     has passed: the earlier run's checkpoints, pipeline and sample grids.
@@ -124,10 +127,14 @@ def check_output_dir(config: TrainConfig, unet_config: dict[str, Any], resuming:
         except ValueError:  # keys we do not know: certainly not our config
             old = {}
         differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        scheduler_json = out / "scheduler" / checkpoint.SCHEDULER_CONFIG_NAME
+        if not differing and scheduler_config is not None and scheduler_json.is_file():
+            ours, theirs = without_metadata(scheduler_config), without_metadata(read_json(scheduler_json))
+            differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if differing:
             raise ValueError(f"--output_dir {out} already holds a pipeline trained with a different model config "
-                             f"({', '.join(differing[:4])} differ); pass --overwrite_output_dir to replace it, or "
-                             f"choose another --output_dir")
+                             f"or noise schedule ({', '.join(differing[:4])} differ); pass --overwrite_output_dir to "
+                             f"replace it, or choose another --output_dir")
     return []
 
 

@@ -119,9 +119,9 @@ def verify_checkpoint(path: Path, unet_config: Mapping[str, Any], scheduler_conf
         raise CheckpointError(f"{path.name} was trained with a different model config ({', '.join(differing[:4])} "
                               f"differ); resume with that run's --model_config_name_or_path and --resolution, or "
                               f"start a new run in another --output_dir")
-    theirs = without_metadata(_read_config(path / SCHEDULER / SCHEDULER_CONFIG_NAME))
-    differing = sorted(k for k in set(scheduler_config) | set(theirs)
-                       if without_metadata(scheduler_config).get(k) != theirs.get(k))
+    ours, theirs = without_metadata(scheduler_config), without_metadata(_read_config(path / SCHEDULER /
+                                                                                       SCHEDULER_CONFIG_NAME))
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if differing:
         raise CheckpointError(f"{path.name} was trained with a different noise schedule ({', '.join(differing[:4])} "
                               f"differ); resume with that run's --ddpm_num_steps, --ddpm_beta_schedule and "
