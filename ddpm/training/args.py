@@ -76,7 +76,6 @@ LAPTOP_PROFILE: dict[str, Any] = {
 }
 LAPTOP_WITH_DATASET: dict[str, Any] = {"model_config_name_or_path": str(SMALL_RGB_UNET_CONFIG),
                                        "output_dir": "ddpm-model-32"}
-EMBEDDED_DEFAULTS = LAPTOP_PROFILE  # the name used before profiles had names
 GPU_HINT = "ddpm.train: no dataset flag: the laptop profile on bundled Fashion-MNIST (--help lists it)"
 
 

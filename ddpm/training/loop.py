@@ -75,9 +75,6 @@ class NonFiniteError(ValueError):
     weights did: training stops before such weights reach a checkpoint or the pipeline."""
 
 
-NonFiniteLossError = NonFiniteError  # the name before gradients and weights were checked too
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Train a UNet as configured; see docs/training.md. Works under ``accelerate launch`` and
     ``accelerate.notebook_launcher(train, (config,))``."""
