@@ -2,7 +2,7 @@
 
     python -m ddpm.train                                      # bundled Fashion-MNIST, a few CPU minutes
     python -m ddpm.train --train_data_dir images --resolution 64 --use_ema
-    accelerate launch --multi_gpu -m ddpm.train --dataset_name user/dataset --mixed_precision fp16
+    accelerate launch --multi_gpu --num_processes 2 -m ddpm.train --dataset_name user/dataset --mixed_precision fp16
 
 Bad input gives one line on stderr and exit status 2 (``--debug`` shows the traceback). SIGTERM or Ctrl-C
 saves a checkpoint and exits with 143 or 130; resume with ``--resume_from_checkpoint latest``.

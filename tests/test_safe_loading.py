@@ -52,10 +52,23 @@ def test_plain_tensor_bin_loads_through_weights_only(saved):
     torch.testing.assert_close(loaded(x, 3).sample, unet(x, 3).sample, rtol=0, atol=0)
 
 
-def test_safetensors_is_preferred_over_bin(saved):
+def test_safetensors_is_preferred_over_bin(saved, tmp_path):
+    """With both files present, the weights come from the safetensors file: the loaded UNet computes what the
+    saved one does, not what the .bin's other weights would, and a .bin that would run a command is never read."""
     unet, folder = saved
-    (folder / LEGACY_WEIGHTS_NAME).write_bytes(b"not a pickle at all")
-    UNet.from_pretrained(folder)  # never touches the .bin
+    other = {k: v + 0.5 for k, v in unet.state_dict().items()}
+    torch.save(other, folder / LEGACY_WEIGHTS_NAME)  # loadable, but other weights
+    x = torch.randn(1, 3, 8, 8)
+    loaded = UNet.from_pretrained(folder)
+    torch.testing.assert_close(loaded(x, 3).sample, unet(x, 3).sample, rtol=0, atol=0)
+    from_bin = UNet(**TINY)
+    from_bin.load_state_dict(other)
+    assert not torch.allclose(from_bin(x, 3).sample, unet(x, 3).sample)  # the .bin would have given other outputs
+    marker = tmp_path / "pwned"
+    with open(folder / LEGACY_WEIGHTS_NAME, "wb") as fh:
+        pickle.dump({"conv_in.weight": RunsACommand(marker)}, fh)
+    UNet.from_pretrained(folder)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

@@ -1,6 +1,7 @@
 """``python -m ddpm.train`` and ``ddpm.training``: end to end on a generated image folder with a tiny UNet, resume,
 multi-process, mixed precision, the loss maths, the LR schedules and the one-line errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +20,13 @@ from safetensors.torch import load_file
 from ddpm.training import TrainConfig, parse_args, train
 from ddpm.training import loop as loop_module
 from ddpm.training import outputs
-from ddpm.training.args import EMBEDDED_DEFAULTS, SMALL_UNET_CONFIG
+from ddpm.training.args import LAPTOP_PROFILE, SCRIPT_PROFILE, SMALL_UNET_CONFIG, build_parser
 from ddpm.training.loss import diffusion_loss, loss_weights, training_target
 from ddpm.training.lr import get_scheduler as our_get_scheduler
 from helpers import TINY_UNET, write_training_files
 
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"  # in a checkpoint: the raw weights
+EMA_WEIGHTS = "unet_ema/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +90,14 @@ def test_end_to_end_cli(files, tmp_path):
     assert "Traceback" not in r.stderr
     assert "broken.png" in r.stderr  # the corrupt image is named and skipped
     assert "12/12" in r.stderr  # tqdm: 24 images / 4 = 6 steps per epoch, 2 epochs
+    assert "holds rows" not in r.stderr + r.stdout  # no row dump without --debug
+    assert "sample grid" in r.stderr  # the grids have their own (nested) bar
+    # One summary at the end: where things are, and the next command.
+    summary = r.stdout[r.stdout.index("done: 12 steps"):]
+    assert f"pipeline    {out}" in summary and f"checkpoint  {out / 'checkpoint-12'}" in summary
+    assert f"samples     {out / 'samples' / 'epoch_0001.png'}" in summary
+    assert f"tensorboard --logdir {out / 'logs'}" in summary
+    assert f"python -m ddpm.sample --model {out} " in summary
 
     for name in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json"]:
@@ -93,17 +105,32 @@ def test_end_to_end_cli(files, tmp_path):
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-12", "checkpoint-8"]  # 4 was pruned by --checkpoints_total_limit 2
     assert all((out / c / "COMPLETE").is_file() for c in checkpoints)
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".ddpm-train.lock*"))
     grids = sorted(p.name for p in (out / "samples").glob("*.png"))
     assert grids == ["epoch_0000.png", "epoch_0001.png"]
     assert Image.open(out / "samples" / "epoch_0001.png").size == (32, 16)  # 2 images of 16x16 side by side
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and state["epoch"] == 1 and state["ema_optimization_step"] == 12
 
+    # The checkpoint is in train_unconditional.py's layout, with no pickle: diffusers loads its weights.
+    ckpt = out / "checkpoint-12"
+    files = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
+    assert files == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet_ema/config.json",
+                     "unet_ema/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                     "optimizer.safetensors", "rng_state_0.safetensors", "trainer_state.json", "COMPLETE"}
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    raw_unet = UNet2DModel.from_pretrained(ckpt, subfolder="unet")
+    ema_model = EMAModel.from_pretrained(ckpt / "unet_ema", model_cls=UNet2DModel)
+    assert ema_model.optimization_step == 12 and ema_model.decay == 0.9999 and ema_model.use_ema_warmup
+    assert DDPMScheduler.from_pretrained(ckpt, subfolder="scheduler").config.num_train_timesteps == 50
+
     # The pipeline holds the EMA weights, not the raw ones.
     saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    ema = load_file(out / "checkpoint-12" / "ema.safetensors")
-    raw = load_file(out / "checkpoint-12" / "model.safetensors")
+    names = [name for name, _ in raw_unet.named_parameters()]
+    ema = dict(zip(names, ema_model.shadow_params))
+    raw = dict(raw_unet.named_parameters())
     assert all(torch.equal(saved[k], ema[k]) for k in ema)
     assert any(not torch.equal(saved[k], raw[k]) for k in raw)
 
@@ -137,21 +164,22 @@ def test_resume_latest_is_bitwise_equal_to_a_straight_run(files, tmp_path):
     half = train(tiny_config(files, tmp_path / "b", max_train_steps=4, **kwargs))
     resumed = train(tiny_config(files, tmp_path / "b", max_train_steps=8, resume_from_checkpoint="latest", **kwargs))
     assert (straight.global_step, half.global_step, resumed.global_step) == (8, 4, 8)
-    for name in ["model.safetensors", "ema.safetensors"]:
+    for name in [WEIGHTS, EMA_WEIGHTS, "optimizer.safetensors"]:
         a, b = load_file(tmp_path / "a" / "checkpoint-8" / name), load_file(tmp_path / "b" / "checkpoint-8" / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    first = load_file(tmp_path / "b" / "checkpoint-4" / "model.safetensors")
-    assert any(not torch.equal(first[k], a[k]) for k in a)  # it really trained after resuming
+    first, last = (load_file(tmp_path / "b" / f"checkpoint-{step}" / WEIGHTS) for step in (4, 8))
+    assert any(not torch.equal(first[k], last[k]) for k in last)  # it really trained after resuming
 
 
 def test_bundled_dataset_run_with_laptop_defaults(tmp_path, capsys):
     config = parse_args(["--output_dir", str(tmp_path / "fm"), "--max_train_steps", "2", "--train_batch_size", "8",
                          "--resolution", "16", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2"])
-    assert config.uses_embedded_data and config.learning_rate == EMBEDDED_DEFAULTS["learning_rate"]
+    assert config.uses_embedded_data and config.learning_rate == LAPTOP_PROFILE["learning_rate"]
     result = train(config)
     assert result.global_step == 2
-    assert "bundled Fashion-MNIST" in capsys.readouterr().out  # the hint that the full defaults want a GPU
+    hint = [line for line in capsys.readouterr().out.splitlines() if "no dataset flag" in line]
+    assert len(hint) == 1 and len(hint[0]) <= 100 and "laptop profile" in hint[0]  # a hint of one line
     unet_config = json.loads((tmp_path / "fm" / "unet" / "config.json").read_text())
     assert unet_config["in_channels"] == 1 and unet_config["block_out_channels"] == [16, 32, 64]
     grid = Image.open(tmp_path / "fm" / "samples" / "epoch_0000.png")
@@ -191,7 +219,7 @@ def test_two_processes_on_cpu_share_the_work(files, tmp_path):
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--main_process_port", str(port), "-m", "ddpm.train")
     r = run_cli("--train_data_dir", files["images"], *tiny_flags(files), "--output_dir", out, "--num_epochs", 1,
-                "--use_ema", "--checkpointing_steps", 3, launcher=launcher,
+                "--use_ema", "--checkpointing_steps", 3, "--debug", launcher=launcher,
                 env=no_accelerate_config(tmp_path), timeout=400)
     assert r.returncode == 0, "\n".join(line for line in r.stderr.splitlines() if "it/s]" not in line)[-3000:]
     assert "Traceback" not in r.stderr
@@ -202,33 +230,68 @@ def test_two_processes_on_cpu_share_the_work(files, tmp_path):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     ckpt = out / "checkpoint-3"
     assert (ckpt / "COMPLETE").is_file()
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (ckpt / "rng_state_0.safetensors").is_file() and (ckpt / "rng_state_1.safetensors").is_file()
     assert len(list(out.glob("checkpoint-*"))) == 1 and len(list((out / "samples").glob("*.png"))) == 1
 
 
-def test_bf16_on_cpu_trains(files, tmp_path, monkeypatch):
-    seen = []
+def test_bf16_on_cpu_matches_a_hand_written_autocast_step(files, tmp_path, monkeypatch):
+    """--mixed_precision bf16 against the same optimiser steps written in plain PyTorch (torch.autocast around
+    the UNet, the loss in float32, clip_grad_norm_, AdamW): the same weights. The same steps without autocast
+    give other weights, so the comparison sees the precision."""
+    init, inputs, seen = {}, [], []
     real_loss, real_from_config = loop_module.diffusion_loss, loop_module.UNet.from_config
 
     def from_config(config):
         model = real_from_config(config)
+        init.update({k: v.clone() for k, v in model.state_dict().items()})
         model.conv_in.register_forward_hook(lambda module, args, out: seen.append(("conv", out.dtype)))
         return model
 
-    def loss(*args, **kwargs):
-        value = real_loss(*args, **kwargs)
+    def loss(prediction, clean, noise, timesteps, *args, **kwargs):
+        inputs.append((clean.clone(), noise.clone(), timesteps.clone()))
+        value = real_loss(prediction, clean, noise, timesteps, *args, **kwargs)
         seen.append(("loss", value.dtype))
         return value
 
     monkeypatch.setattr(loop_module.UNet, "from_config", from_config)
     monkeypatch.setattr(loop_module, "diffusion_loss", loss)
-    result = train(tiny_config(files, tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16",
-                               checkpointing_steps=2))
-    assert result.global_step == 2
-    # The UNet ran under bf16 autocast; the loss is float32; the weights stay float32.
-    assert seen == [("conv", torch.bfloat16), ("loss", torch.float32)] * 2
-    weights = load_file(tmp_path / "bf16" / "checkpoint-2" / "model.safetensors")
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    hyper = dict(learning_rate=1e-3, lr_scheduler="constant", adam_beta1=0.9, adam_beta2=0.99,
+                 adam_weight_decay=1e-2, adam_epsilon=1e-8)
+    result = train(tiny_config(files, tmp_path / "bf16", max_train_steps=3, mixed_precision="bf16",
+                               checkpointing_steps=3, **hyper))
+    assert result.global_step == 3 and len(inputs) == 3
+    # The UNet ran under bf16 autocast; the loss is float32.
+    assert seen == [("conv", torch.bfloat16), ("loss", torch.float32)] * 3
+    trained = load_file(tmp_path / "bf16" / "checkpoint-3" / WEIGHTS)
+    assert all(w.dtype == torch.float32 for w in trained.values())  # the parameters stay float32
+
+    from diffusers import DDPMScheduler as ReferenceScheduler
+
+    from ddpm import UNet
+
+    monkeypatch.undo()
+
+    def by_hand(autocast):
+        unet = UNet.from_config(outputs.model_config(tiny_config(files, tmp_path)))
+        unet.load_state_dict(init)
+        unet.train()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-8)
+        scheduler = ReferenceScheduler(num_train_timesteps=50)
+        for clean, noise, t in inputs:
+            noisy = scheduler.add_noise(clean, noise, t)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                prediction = unet(noisy, t).sample
+            per_sample = ((prediction.float() - noise) ** 2).mean(dim=(1, 2, 3))
+            per_sample.mean().backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        return {k: v.detach() for k, v in unet.state_dict().items()}
+
+    bf16, fp32 = by_hand(autocast=True), by_hand(autocast=False)
+    gap = max(float((trained[k] - bf16[k]).abs().max()) for k in trained)
+    fp32_gap = max(float((trained[k] - fp32[k]).abs().max()) for k in trained)
+    assert gap <= 1e-6 < fp32_gap, (gap, fp32_gap)
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped(files, tmp_path, monkeypatch):
@@ -241,7 +304,7 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(files, tmp_path, monk
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(loop_module, "diffusion_loss", nan_on_third_call)
-    with pytest.raises(loop_module.NonFiniteLossError, match=r"at step 3: .*checkpoint-2.*learning_rate") as info:
+    with pytest.raises(loop_module.NonFiniteError, match=r"loss is nan at step 3: .*checkpoint-2.*learning_rate") as info:
         train(tiny_config(files, tmp_path / "nan", max_train_steps=5, checkpointing_steps=1))
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
@@ -251,6 +314,40 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(files, tmp_path, monk
     assert result.global_step == 5
     state = json.loads((tmp_path / "skip" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["nan_skips"] == 1
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: a finite loss whose step would make the weights NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_nan_gradients_never_reach_a_checkpoint(files, tmp_path, monkeypatch):
+    """Issue 13: NaN detection checked only the loss, so the checkpoint it named as the last good one could hold
+    NaN weights. A finite loss with NaN gradients at step 2 now stops before the step, naming checkpoint-1, and
+    every checkpoint left holds finite weights."""
+    calls = {"n": 0}
+    real = loop_module.diffusion_loss
+
+    def nan_gradients_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return _NanGradient.apply(loss) if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop_module, "diffusion_loss", nan_gradients_on_second_call)
+    out = tmp_path / "nan-grad"
+    with pytest.raises(loop_module.NonFiniteError, match=r"gradient norm is nan at step 2: .*checkpoint-1, is kept"):
+        train(tiny_config(files, out, max_train_steps=4, checkpointing_steps=1, use_ema=True))
+    left = sorted(out.glob("checkpoint-*"))
+    assert [p.name for p in left] == ["checkpoint-1"]
+    for name in (WEIGHTS, EMA_WEIGHTS):
+        assert all(torch.isfinite(w).all() for w in load_file(left[0] / name).values())
 
 
 def test_push_to_hub_creates_a_private_repo(files, tmp_path, monkeypatch):
@@ -290,11 +387,20 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(files, tmp_path
     unet_config = outputs.model_config(config)
     with pytest.raises(ValueError, match="different model config.*block_out_channels.*--overwrite_output_dir"):
         outputs.check_output_dir(config, unet_config, resuming=False)
+    (out / "unet" / "config.json").write_text(json.dumps({**TINY_UNET, "sample_size": 16}))  # the same model
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
+    with pytest.raises(ValueError, match="noise schedule.*num_train_timesteps"):
+        outputs.check_output_dir(config, unet_config, False, {"num_train_timesteps": 50})
+    outputs.check_output_dir(config, unet_config, False, {"num_train_timesteps": 1000})  # the same: allowed
     (out / "checkpoint-3").mkdir()
     (out / "checkpoint-3" / "COMPLETE").write_text("")
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint latest"):
         outputs.check_output_dir(config, unet_config, resuming=False)
-    outputs.check_output_dir(tiny_config(files, out, overwrite_output_dir=True), unet_config, resuming=False)
+    doomed = outputs.check_output_dir(tiny_config(files, out, overwrite_output_dir=True), unet_config, resuming=False)
+    assert (out / "checkpoint-3").exists() and (out / "unet").exists()  # the check deletes nothing
+    assert sorted(p.name for p in doomed) == ["checkpoint-3", "model_index.json", "scheduler", "unet"]
+    outputs.delete(doomed)
     assert not (out / "checkpoint-3").exists() and not (out / "unet").exists()
 
 
@@ -303,20 +409,73 @@ def test_output_dir_of_another_run_is_refused_unless_overwritten(files, tmp_path
 
 def test_flags_keep_the_script_defaults_and_the_embedded_profile_fills_unset_ones():
     script = parse_args(["--train_data_dir", "x"])
+    assert script.profile == "train_unconditional"
     assert (script.resolution, script.output_dir, script.train_batch_size, script.num_epochs) == (64, "ddpm-model-64", 16, 100)
     assert (script.learning_rate, script.lr_scheduler, script.lr_warmup_steps, script.adam_beta1) == (1e-4, "cosine", 500, 0.95)
     assert (script.ema_power, script.ema_max_decay, script.use_ema, script.checkpointing_steps) == (0.75, 0.9999, False, 500)
     assert script.model_config_name_or_path is None and script.ddpm_num_inference_steps == 1000
     laptop = parse_args([])
-    assert laptop.resolution == EMBEDDED_DEFAULTS["resolution"] and laptop.uses_embedded_data
+    assert laptop.profile == "laptop" and laptop.resolution == LAPTOP_PROFILE["resolution"] and laptop.uses_embedded_data
     assert laptop.model_config_name_or_path == str(SMALL_UNET_CONFIG) and SMALL_UNET_CONFIG.is_file()
     mixed = parse_args(["--resolution", "16", "--num_epochs", "1", "--use_ema"])
     assert (mixed.resolution, mixed.num_epochs, mixed.use_ema) == (16, 1, True)
-    assert mixed.train_batch_size == EMBEDDED_DEFAULTS["train_batch_size"]
+    assert mixed.train_batch_size == LAPTOP_PROFILE["train_batch_size"]
     assert parse_args(["--dataset_name", "a/b", "--local_rank", "3"]).local_rank == 3
     accepted = parse_args(["--train_data_dir", "x", "--enable_xformers_memory_efficient_attention",
                            "--preserve_input_precision", "--prediction_type", "v_prediction", "--snr_gamma", "5"])
     assert accepted.prediction_type == "v_prediction" and accepted.snr_gamma == 5.0
+    # --profile laptop on your own images: the same small UNet, in RGB.
+    own = parse_args(["--train_data_dir", "x", "--profile", "laptop", "--seed", "3"])
+    assert (own.profile, own.resolution, own.seed, own.output_dir) == ("laptop", 32, 3, "ddpm-model-32")
+    assert json.loads(Path(own.model_config_name_or_path).read_text())["in_channels"] == 3
+
+
+def test_python_config_picks_its_profile_as_the_command_line_does():
+    """Issue 14: TrainConfig(train_data_dir=...) silently built the 114M-parameter UNet; TrainConfig() trained
+    it on the bundled data. Now the Python API resolves the profile exactly as the flags do."""
+    for argv, kwargs in [([], {}), (["--train_data_dir", "x"], {"train_data_dir": "x"}),
+                         (["--train_data_dir", "x", "--profile", "laptop"], {"train_data_dir": "x", "profile": "laptop"}),
+                         (["--resolution", "16", "--seed", "5"], {"resolution": 16, "seed": 5}),
+                         (["--dataset_name", "a/b", "--checkpoints_total_limit", "3"],
+                          {"dataset_name": "a/b", "checkpoints_total_limit": 3})]:
+        assert parse_args(argv) == TrainConfig(**kwargs), argv
+    # The parser's defaults are the dataclass's, field by field (profile fields: the script's profile).
+    parser = build_parser()
+    for field in dataclasses.fields(TrainConfig):
+        default = parser.get_default(field.name)
+        expected = SCRIPT_PROFILE[field.name] if field.name in SCRIPT_PROFILE else field.default
+        assert default == expected, field.name
+    assert TrainConfig().model_config_name_or_path == str(SMALL_UNET_CONFIG)
+    assert TrainConfig(train_data_dir="x").model_config_name_or_path is None  # the script's UNet, as the CLI
+    # The quickstart's TrainConfig(train_data_dir=..., profile="laptop"): a small RGB UNet and 50-step grids.
+    from ddpm import UNet
+
+    quick = TrainConfig(train_data_dir="my_images", profile="laptop", num_epochs=5, output_dir="my-model")
+    unet = UNet.from_config(outputs.model_config(quick))
+    assert unet.config.in_channels == 3 and sum(p.numel() for p in unet.parameters()) < 1_000_000
+    assert (quick.resolution, quick.ddpm_num_inference_steps, quick.train_batch_size) == (32, 50, 64)
+
+
+def test_help_shows_every_default_and_says_which_profile_applies(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    profile_line = [line for line in text.splitlines() if "No --dataset_name or --train_data_dir" in line]
+    assert len(profile_line) == 1 and "laptop profile" in profile_line[0]
+    flat = " ".join(text[text.index("options:"):].split())  # the flags' entries, after the usage block
+    entries: dict[str, str] = {}  # flag -> its help entry (a line "  --flag ...", then deeper-indented lines)
+    for line in text[text.index("options:"):].splitlines():
+        header = re.match(r"^  (?:-\w, )?(--\w+)", line)
+        if header:
+            flag = header.group(1)
+            entries[flag] = line
+        elif line.startswith("   ") and entries:
+            entries[flag] += " " + line.strip()
+    flags = {a.option_strings[-1] for a in build_parser()._actions if a.dest != "help"}
+    assert flags == set(entries) - {"--help"}
+    assert all("(default: " in entries[flag] for flag in flags), [f for f in flags if "(default: " not in entries[f]]
+    assert "--resolution RESOLUTION square training size in pixels (default: 64; laptop profile: 32)" in flat
+    assert "(default: None; laptop profile: ddpm/assets/unet-small.json, or ddpm/assets/unet-small-rgb.json" in flat
 
 
 BAD_INPUTS = {
@@ -363,6 +522,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(files, tmp_path):
         assert "Traceback" not in stderr, case
         assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], (case, stderr)
         assert stderr.strip().splitlines()[-1] == errors[0], (case, stderr)
+        assert not os.path.exists(flags[flags.index("--output_dir") + 1]), case  # nothing created
     r = run_cli("--train_data_dir", root / "nope", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr and "DataError" in r.stderr
 

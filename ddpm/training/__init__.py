@@ -1,10 +1,11 @@
 """The trainer behind ``python -m ddpm.train``.
 
     from ddpm.training import TrainConfig, train
-    train(TrainConfig(train_data_dir="my_images", resolution=32, num_epochs=5))
+    train(TrainConfig(train_data_dir="my_images", profile="laptop", num_epochs=5))
 
-``parse_args(argv)`` turns command-line flags into a ``TrainConfig`` (with the laptop defaults when no dataset
-flag is given). ``train`` and its heavy imports load on first use.
+``parse_args(argv)`` turns command-line flags into a ``TrainConfig``. Both pick the laptop profile when no dataset
+flag is given and train_unconditional.py's defaults otherwise (``profile=`` chooses). ``train`` and its heavy
+imports load on first use.
 """
 
 from __future__ import annotations

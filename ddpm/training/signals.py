@@ -3,7 +3,8 @@
 The first signal only sets a flag; the loop sees it after the current optimiser step, saves a checkpoint and
 returns. While it does, a further SIGTERM is ignored (launchers often follow SIGINT with SIGTERM), and a second
 Ctrl-C stops at once with ``KeyboardInterrupt`` (the checkpoints already on disk stay valid: they are atomic).
-Handlers are only installed from the main thread, and the previous ones come back on exit.
+Handlers are only installed from the main thread, and the previous ones come back on exit. Messages are printed
+above the progress bar (``tqdm.write``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 import threading
 from types import FrameType, TracebackType
 from typing import Any
+
+from tqdm.auto import tqdm
 
 
 class StopRequest:
@@ -30,12 +33,12 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.signal_name is None:
             self.signal_name = name
-            print(f"\nddpm.train: got {name}: saving a checkpoint after this step, then stopping "
-                  f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            tqdm.write(f"ddpm.train: got {name}: saving a checkpoint after this step, then stopping "
+                       f"(Ctrl-C again to stop at once)", file=sys.stderr)
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
         else:
-            print(f"ddpm.train: got {name}: already stopping", file=sys.stderr, flush=True)
+            tqdm.write(f"ddpm.train: got {name}: already stopping", file=sys.stderr)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

@@ -69,7 +69,8 @@ def raw_weights_pipeline(run: Path, out: Path) -> Path:
     newest = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     pipe = Pipeline.from_pretrained(run)
     unet = UNet.from_config(pipe.unet.config)
-    unet.load_state_dict(load_weights(newest / "model.safetensors"))
+    raw = newest / "unet" / "diffusion_pytorch_model.safetensors"  # checkpoints before the pickle-free format:
+    unet.load_state_dict(load_weights(raw if raw.is_file() else newest / "model.safetensors"))  # model.safetensors
     Pipeline(unet=unet, scheduler=pipe.scheduler).save_pretrained(out)
     return out
 
