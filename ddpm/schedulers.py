@@ -323,6 +323,7 @@ class DDPMScheduler(_Scheduler):
 
     config_class = DDPMSchedulerConfig
     _class_name = "DDPMScheduler"
+    default_num_inference_steps: ClassVar[int | None] = None  # Pipeline's default: every step (contract 3)
     _other_keys = ("set_alpha_to_one",)
     config: DDPMSchedulerConfig
 
@@ -394,6 +395,7 @@ class DDIMScheduler(_Scheduler):
 
     config_class = DDIMSchedulerConfig
     _class_name = "DDIMScheduler"
+    default_num_inference_steps: ClassVar[int | None] = 50  # Pipeline's default, as diffusers' DDIMPipeline
     _other_keys = ("variance_type",)
     config: DDIMSchedulerConfig
 
