@@ -44,6 +44,10 @@ NO_PICKLE = ("ddpm writes safetensors only: a pickled .bin can run arbitrary cod
              "safetensors is what diffusers writes and reads by default")
 
 
+class MissingWeightsError(FileNotFoundError):
+    """A model folder has no weights file of the requested kind (variant, safetensors or not)."""
+
+
 @dataclass(frozen=True)
 class HubOptions:
     """How to fetch files of a Hub repo id, with huggingface_hub's meaning (unused for local folders)."""
@@ -161,7 +165,7 @@ def resolve_weights(path_or_repo_id: str | os.PathLike[str], subfolder: str | No
         wanted = wanted[:2] if use_safetensors else wanted[2:]
     # diffusers' wording ("Error no file named ... found in directory") kept, so that code matching it still works
     hint = _variant_hint(where, variant)
-    raise FileNotFoundError(f"Error no file named {add_variant(LEGACY_WEIGHTS_NAME, variant)} found in directory "
+    raise MissingWeightsError(f"Error no file named {add_variant(LEGACY_WEIGHTS_NAME, variant)} found in directory "
                             f"{where} (looked for {', '.join(wanted)}){hint}")
 
 

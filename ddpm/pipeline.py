@@ -291,11 +291,18 @@ class Pipeline:
                                     f"{checkpoint.PIPELINE_INDEX_NAME} nor {checkpoint.MODEL_CONFIG_NAME}")
 
         if unet is None:
-            unet = UNet.from_pretrained(
-                root, subfolder=subfolders[0], torch_dtype=_unet_dtype(torch_dtype, dtype), variant=variant,
-                low_cpu_mem_usage=low_cpu_mem_usage, device_map=device_map, use_safetensors=use_safetensors,
-                cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only,
-                force_download=force_download)
+            try:
+                unet = UNet.from_pretrained(
+                    root, subfolder=subfolders[0], torch_dtype=_unet_dtype(torch_dtype, dtype), variant=variant,
+                    low_cpu_mem_usage=low_cpu_mem_usage, device_map=device_map, use_safetensors=use_safetensors,
+                    cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only,
+                    force_download=force_download)
+            except checkpoint.MissingWeightsError as e:
+                if variant is None:
+                    raise
+                # diffusers' error (type and first words) for a pipeline without files of that variant
+                raise ValueError(f"You are trying to load the model files of the `variant={variant}`, but no such "
+                                 f"modeling files are available: {e}") from None
         if scheduler is None:
             config_path = checkpoint.resolve_file(root, checkpoint.SCHEDULER_CONFIG_NAME, subfolders[1], hub=hub)
             assert config_path is not None

@@ -191,6 +191,10 @@ def test_pipeline_passes_keywords_to_its_components(tmp_path):
         Pipeline.from_pretrained(tmp_path / "theirs", variant="fp16", dtype={"vae": torch.float16})
     with pytest.raises(OSError, match="variant='fp16'"):
         Pipeline.from_pretrained(tmp_path / "theirs")
+    with pytest.raises(ValueError, match="the `variant=bf16`, but no such modeling files.*variant='fp16'"):
+        Pipeline.from_pretrained(tmp_path / "theirs", variant="bf16")  # diffusers' error type and words
+    with pytest.raises(ValueError, match="variant=bf16"):
+        diffusers.DDPMPipeline.from_pretrained(tmp_path / "theirs", variant="bf16")
     # and back: our variant + shards, read by diffusers' pipeline
     ours.to(torch.float32).save_pretrained(tmp_path / "ours", variant="ema", max_shard_size=SHARD)
     assert (tmp_path / "ours" / "unet" / "diffusion_pytorch_model.safetensors.index.ema.json").is_file()
