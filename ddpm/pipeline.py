@@ -200,7 +200,8 @@ class Pipeline:
         shape = (batch_size, config["in_channels"], height, width)
 
         device = self.device
-        self.scheduler.set_timesteps(num_inference_steps or self.default_num_inference_steps, device=device)
+        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        self.scheduler.set_timesteps(steps, device=device)
         image = draw_noise(shape, generator, device, self.dtype) * self.scheduler.init_noise_sigma  # x_T
         with kernels.frozen_weights():  # the weights do not change during the loop
             for t in self.progress_bar(self.scheduler.timesteps):

@@ -375,9 +375,29 @@ def test_bad_call_arguments(folder):
     _, ours = load_both(folder)
     with pytest.raises(ValueError, match="batch_size"):
         ours(batch_size=0)
+    with pytest.raises(ValueError, match="num_inference_steps=0"):
+        ours(num_inference_steps=0)  # not "the default"
     with pytest.raises(ValueError, match="2 generators for batch_size=3"):
         ours(batch_size=3, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="slice_size"):
         ours.enable_attention_slicing(slice_size=-1)
     ours.enable_attention_slicing()  # accepted and changes nothing, as diffusers does for UNet2DModel
     np.testing.assert_array_equal(images(ours, num_inference_steps=2), images(ours, num_inference_steps=2))
+
+
+def test_outputs_survive_accelerate_like_diffusers_outputs(folder):
+    """accelerate rebuilds outputs as type(out)(dict) when it casts (mixed precision wraps forward in
+    convert_outputs_to_fp32) or moves them (send_to_device). diffusers' BaseOutput takes that dict; so does ours."""
+    from accelerate.utils.operations import convert_outputs_to_fp32, send_to_device
+
+    theirs, ours = load_both(folder)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for lib, pipe in (("diffusers", theirs), ("ddpm", ours)):
+        pipe.to(torch.bfloat16)
+        out = convert_outputs_to_fp32(pipe.unet.forward)(x.bfloat16(), 10)
+        assert type(out).__name__ == "UNet2DOutput" and out.sample.dtype == torch.float32, lib
+        pipe.scheduler.set_timesteps(5)
+        step = send_to_device(pipe.scheduler.step(out.sample, pipe.scheduler.timesteps[0], x), "cpu")
+        assert isinstance(step.prev_sample, torch.Tensor) and isinstance(step.pred_original_sample, torch.Tensor), lib
+        images = send_to_device(pipe(num_inference_steps=1, output_type="pt"), "cpu")
+        assert isinstance(images.images, torch.Tensor), lib
