@@ -32,7 +32,8 @@ from ddpm.schedulers import DDIMScheduler, DDPMScheduler, draw_noise
 from ddpm.unet import UNet
 
 Generator = torch.Generator | list[torch.Generator] | None
-# The schedulers a pipeline folder may name (diffusers' class name -> ours)
+# The schedulers a pipeline folder may name (diffusers' class name -> ours); contract 3: this becomes
+# ddpm.schedulers.SCHEDULERS once the schedulers package lands
 SCHEDULERS: dict[str, type[DDPMScheduler] | type[DDIMScheduler]] = {
     "DDPMScheduler": DDPMScheduler,
     "DDIMScheduler": DDIMScheduler,
