@@ -1,9 +1,10 @@
 """Frozen dataclass configs that round-trip diffusers' JSON config files.
 
 A config class is a plain ``@dataclass(frozen=True)`` whose field names are the keys of diffusers'
-``config.json`` / ``scheduler_config.json``. Subclassing ``FrozenConfig`` adds the read-only mapping access that
-diffusers' ``FrozenDict`` gives (``config["key"]``, ``dict(config)``, ``**config``, ``keys/items/values``, ``in``). Lists in JSON become tuples here so that configs are hashable
-and truly immutable. On save we add ``_class_name`` and ``_diffusers_version``; on load every key that
+``config.json`` / ``scheduler_config.json``. Subclassing ``FrozenConfig`` makes it also a read-only ``dict``, as
+diffusers' ``FrozenDict`` is (``config["key"]``, ``dict(config)``, ``**config``, ``keys/items/values``, ``in``,
+``json.dumps(config)``, and diffusers' ``from_config`` accepts it). Lists in JSON become tuples here so that
+configs are hashable and truly immutable. On save we add ``_class_name`` and ``_diffusers_version``; on load every key that
 starts with ``_`` is metadata and is ignored. Any other unknown key is a ``ValueError`` naming it.
 """
 
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 # The diffusers version whose file formats we write. Loaders only need the keys, not this number.
@@ -22,11 +23,24 @@ DIFFUSERS_VERSION = "0.42.1"
 C = TypeVar("C")
 
 
-class FrozenConfig(Mapping[str, Any]):
-    """Read-only mapping access for a frozen config dataclass, as diffusers' ``FrozenDict`` allows.
+class _SyncedAfterInit(type):
+    """Metaclass of ``FrozenConfig``: once a config is fully built (its ``__post_init__`` checks and normalisation
+    done), copy its fields into the ``dict`` it also is, so C-level readers (``dict(c)``, ``**c``, ``json.dumps``,
+    diffusers' ``isinstance(config, dict)``) see the final values."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        config = super().__call__(*args, **kwargs)
+        dict.update(config, ((name, getattr(config, name)) for name in _field_names(cls)))
+        return config
+
+
+class FrozenConfig(dict, metaclass=_SyncedAfterInit):  # type: ignore[type-arg]
+    """A frozen config dataclass that is also a read-only ``dict``, as diffusers' ``FrozenDict`` is.
 
     ``config.key`` and ``config["key"]`` read the same field; ``dict(config)``, ``**config``, ``keys()``,
-    ``items()``, ``values()``, ``in`` and ``len`` see the fields in declaration order. Writes of either kind raise.
+    ``items()``, ``values()``, ``in``, ``len`` and ``json.dumps`` see the fields in declaration order, and
+    ``isinstance(config, dict)`` holds, so diffusers' ``from_config`` accepts it. Writes of any kind raise
+    ``TypeError``; build a new config instead (``X.from_config(config, key=...)``, ``dataclasses.replace``).
     """
 
     def __getitem__(self, key: str) -> Any:
@@ -34,18 +48,41 @@ class FrozenConfig(Mapping[str, Any]):
             return getattr(self, key)
         raise KeyError(f"{type(self).__name__} has no key {key!r}")
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(_field_names(type(self)))
-
-    def __len__(self) -> int:
-        return len(_field_names(type(self)))
+    def _refuse(self, what: str) -> TypeError:
+        return TypeError(f"{type(self).__name__} is frozen: cannot {what}. Build a new config instead, e.g. "
+                         f"X.from_config(config, key=value) or dataclasses.replace(config, key=value)")
 
     def __setitem__(self, key: str, value: Any) -> None:
-        raise TypeError(f"{type(self).__name__} is frozen: cannot set {key!r}. Build a new object instead, e.g. "
-                        f"X.from_config(config, {key}=...) or dataclasses.replace(config, {key}=...)")
+        raise self._refuse(f"set {key!r}")
 
     def __delitem__(self, key: str) -> None:
-        raise TypeError(f"{type(self).__name__} is frozen: cannot delete {key!r}")
+        raise self._refuse(f"delete {key!r}")
+
+    def __ior__(self, other: Any) -> Any:  # type: ignore[misc]
+        raise self._refuse("update it")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise self._refuse("update it")
+
+    def pop(self, *args: Any) -> Any:
+        raise self._refuse("pop a key")
+
+    def popitem(self) -> Any:
+        raise self._refuse("pop a key")
+
+    def setdefault(self, *args: Any) -> Any:
+        raise self._refuse("set a default")
+
+    def clear(self) -> None:
+        raise self._refuse("clear it")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy, deepcopy and pickle rebuild through the constructor (dict's own protocol would write items back)
+        return (_rebuild, (type(self), tuple((name, getattr(self, name)) for name in _field_names(type(self)))))
+
+
+def _rebuild(cls: type[C], items: tuple[tuple[str, Any], ...]) -> C:
+    return cls(**dict(items))
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
@@ -96,11 +133,16 @@ def config_to_dict(config: Any, class_name: str) -> dict[str, Any]:
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object from ``path``; a file that is not one is a one-line ``ValueError`` naming it."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as e:
         raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON: it is not UTF-8 text") from None
+    except RecursionError:  # json's decoder recurses once per level of [ or {
+        raise ValueError(f"{os.fspath(path)} is not a config file: its JSON is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ValueError(f"{os.fspath(path)} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -2,7 +2,8 @@
 ``out.to_tuple()`` and ``keys/values/items``, with fields that are ``None`` left out, as diffusers does.
 
 Each output class is a ``@dataclass`` subclass of ``BaseOutput``, defined next to what returns it (``UNet``, the
-schedulers, ``Pipeline``). Like diffusers' outputs they are mappings, so ``a, b = out`` unpacks the *keys*: use
+schedulers, ``Pipeline``). As in diffusers, ``Output({"sample": x})`` builds ``Output(sample=x)``: accelerate rebuilds
+outputs that way when it moves or casts them. Like diffusers' outputs they are mappings, so ``a, b = out`` unpacks the *keys*: use
 ``out.to_tuple()`` or ``return_dict=False`` for a tuple.
 """
 
@@ -25,6 +26,18 @@ class BaseOutput(Mapping[str, Any]):
             cls, lambda out: (list(out.to_tuple()), list(out.keys())),
             lambda values, keys: cls(**dict(zip(keys, values))),
             serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+    def __post_init__(self) -> None:
+        # diffusers' rule: Output({"sample": x}) is Output(sample=x). accelerate relies on it: it rebuilds every
+        # mapping it moves or casts (send_to_device, mixed precision's convert_outputs_to_fp32) as type(out)(dict).
+        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        first = getattr(self, names[0])
+        if isinstance(first, Mapping) and all(getattr(self, name) is None for name in names[1:]):
+            unknown = [key for key in first if key not in names]
+            if unknown:
+                raise TypeError(f"{type(self).__name__} has no field {unknown[0]!r}; its fields are {', '.join(names)}")
+            for name in names:
+                setattr(self, name, first.get(name))
 
     def _present(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]

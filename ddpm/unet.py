@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -248,54 +248,184 @@ class UNet(nn.Module):
 
     # --- diffusers' folder format --------------------------------------------------------------------------------
 
-    @classmethod
-    def from_config(cls, config: UNetConfig | Mapping[str, Any]) -> UNet:
-        """A randomly initialised UNet from a ``UNetConfig`` or a diffusers-style config dict."""
-        if isinstance(config, UNetConfig):
-            return cls(config)
-        _check_class_name(config.get("_class_name"), "config")
-        return cls(config_from_dict(UNetConfig, config))
+    config_name = checkpoint.MODEL_CONFIG_NAME  # "config.json", as diffusers' ``ConfigMixin.config_name``
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike[str], subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None) -> UNet:
-        """Load a diffusers ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or
-        the pickled ``.bin`` read with ``weights_only=True``) from a local path or a Hub repo id.
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, *,
+                    cache_dir: str | Path | None = None, revision: str | None = None, token: str | bool | None = None,
+                    local_files_only: bool = False, force_download: bool = False) -> dict[str, Any]:
+        """The ``config.json`` of a model folder or hub repo as a dict (what ``from_config`` takes)."""
+        hub = checkpoint.HubOptions(cache_dir, revision, token, local_files_only, force_download)
+        path = checkpoint.resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder, hub=hub)
+        assert path is not None
+        return read_json(path)
 
-        Legacy attention names (query/key/value/proj_attn) are renamed. The load is strict: missing, unexpected
-        or mis-shaped tensors raise ``ValueError`` naming them and the file. Weights are float32 unless
-        ``torch_dtype`` says otherwise.
+    def save_config(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``config.json`` (diffusers' keys, ``_class_name: "UNet2DModel"``) into ``save_directory``."""
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise NotADirectoryError(f"{folder} is a file; save_config needs a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / self.config_name, config_to_dict(self.config, CLASS_NAME))
+
+    @overload
+    @classmethod
+    def from_config(cls, config: UNetConfig | Mapping[str, Any] | str | os.PathLike[str],
+                    return_unused_kwargs: Literal[False] = False, **overrides: Any) -> UNet: ...
+
+    @overload
+    @classmethod
+    def from_config(cls, config: UNetConfig | Mapping[str, Any] | str | os.PathLike[str],
+                    return_unused_kwargs: Literal[True], **overrides: Any) -> tuple[UNet, dict[str, Any]]: ...
+
+    @classmethod
+    def from_config(cls, config: UNetConfig | Mapping[str, Any] | str | os.PathLike[str],
+                    return_unused_kwargs: bool = False, **overrides: Any) -> UNet | tuple[UNet, dict[str, Any]]:
+        """A randomly initialised UNet from a ``UNetConfig``, a ``config.json``-style dict (diffusers' ``FrozenDict``
+        too, e.g. ``diffusers_unet.config``) or, as diffusers still allows, a folder to read ``config.json`` from.
+
+        ``overrides`` replace config keys. The extra keys that diffusers' ``EMAModel.save_pretrained`` writes
+        (decay, inv_gamma, ...) are ignored; ``return_unused_kwargs=True`` returns them as ``(unet, {key: value})``,
+        as diffusers does. Any other unknown key is a ``ValueError`` naming it.
         """
-        config_path = checkpoint.resolve_file(path_or_repo_id, checkpoint.MODEL_CONFIG_NAME, subfolder)
+        if isinstance(config, (str, os.PathLike)):
+            config = cls.load_config(config)
+        if isinstance(config, UNetConfig) and not overrides:
+            unet = cls(config)
+            return (unet, {}) if return_unused_kwargs else unet
+        if not isinstance(config, Mapping):
+            raise TypeError(f"from_config takes a UNetConfig, a dict or a folder, got {type(config).__name__}")
+        _check_class_name(config.get("_class_name"), "config")
+        merged = {**config, **overrides}
+        unet = cls(config_from_dict(UNetConfig, merged, ignore=EMA_CONFIG_KEYS))
+        unused = {k: merged[k] for k in EMA_CONFIG_KEYS if k in merged}
+        return (unet, unused) if return_unused_kwargs else unet
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *, subfolder: str | None = None,
+                        variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                        dtype: torch.dtype | None = None, low_cpu_mem_usage: bool = True,
+                        device_map: DeviceMap = None, use_safetensors: bool | None = None,
+                        cache_dir: str | Path | None = None, revision: str | None = None,
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        force_download: bool = False, **config_overrides: Any) -> UNet:
+        """Load a diffusers ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, a
+        sharded checkpoint with its ``.index.json``, or the pickled ``.bin`` read with ``weights_only=True``) from
+        a local path or a Hub repo id. The keywords mean what they mean in diffusers:
+
+        - ``subfolder``: e.g. ``"unet"`` inside a pipeline folder; ``variant``: ``diffusion_pytorch_model.<variant>.*``.
+        - ``torch_dtype`` (or its alias ``dtype``): the parameters' dtype; float32 when not given.
+        - ``low_cpu_mem_usage=True`` builds the model on the meta device and assigns the file's tensors (no random
+          init, one copy in memory); ``False`` builds it normally and copies the weights in. Same result.
+        - ``device_map``: ``None`` (CPU), or one device for the whole model (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+          a ``torch.device`` or an index); the tensors go straight there.
+        - ``use_safetensors``: ``None`` prefers safetensors and falls back to ``.bin``; ``True``/``False`` only one.
+        - ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``force_download``: passed to huggingface_hub.
+        - other keywords override config keys (``sample_size=64``); anything else is a ``TypeError`` naming it.
+
+        The load is strict: missing, unexpected, mis-shaped or non-float tensors raise ``ValueError`` naming them
+        and the file. Legacy attention names (query/key/value/proj_attn) are renamed. Returns the model in eval mode.
+        """
+        unknown = [k for k in config_overrides if k not in UNetConfig.__dataclass_fields__]
+        if unknown:
+            raise TypeError(f"UNet.from_pretrained() got an unexpected keyword argument {unknown[0]!r} (it is not a "
+                            f"loading option ddpm supports, nor a config key)")
+        load_dtype = _load_dtype(torch_dtype, dtype)
+        device = _device_from_map(device_map, low_cpu_mem_usage)
+        hub = checkpoint.HubOptions(cache_dir, revision, token, local_files_only, force_download)
+        config_path = checkpoint.resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder, hub=hub)
         assert config_path is not None
         raw = read_json(config_path)
         _check_class_name(raw.get("_class_name"), str(config_path))
         try:
-            config = config_from_dict(UNetConfig, raw)
-        except ValueError as e:
+            config = config_from_dict(UNetConfig, {**raw, **config_overrides}, ignore=EMA_CONFIG_KEYS)
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{config_path}: {e}") from None
-        weights_path = checkpoint.resolve_weights(path_or_repo_id, subfolder)
-        state = checkpoint.rename_legacy_keys(checkpoint.load_weights(weights_path))
+        files = checkpoint.resolve_weights(pretrained_model_name_or_path, subfolder, variant, use_safetensors, hub)
+        state = checkpoint.rename_legacy_keys(checkpoint.load_state(files))
 
-        with torch.device("meta"):  # no random init: every tensor comes from the file
+        if low_cpu_mem_usage:
+            with torch.device("meta"):  # no random init: every tensor comes from the file
+                model = cls(config)
+        else:
             model = cls(config)
-        _check_state_dict(model, state, weights_path, config_path)
-        # Own, freshly allocated copies (in the layout __init__ picks): safetensors may hand out views of a
+        reference = model.state_dict()
+        _check_state_dict(reference, state, files[0], config_path)
+        target = load_dtype or torch.float32
+        # Own, freshly allocated copies in the layout __init__ gave each tensor: safetensors may hand out views of a
         # memory-mapped file, which a later save_pretrained to the same folder would overwrite.
-        dtype = torch_dtype or torch.float32
-        state = {k: v.to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True,
-                         memory_format=torch.channels_last if v.ndim == 4 else torch.contiguous_format)
+        state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype, copy=True,
+                         memory_format=_layout_of(reference[k]))
                  for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        if low_cpu_mem_usage:
+            model.load_state_dict(state, strict=True, assign=True)
+        else:
+            model.to(device=device, dtype=target)
+            model.load_state_dict(state, strict=True)
         return model.eval()
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write ``config.json`` (``_class_name: "UNet2DModel"``) and ``diffusion_pytorch_model.safetensors``,
-        a folder that ``diffusers.UNet2DModel.from_pretrained`` loads."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / checkpoint.MODEL_CONFIG_NAME, config_to_dict(self.config, CLASS_NAME))
-        checkpoint.save_weights(self.state_dict(), folder / checkpoint.WEIGHTS_NAME)
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *, safe_serialization: bool = True,
+                        variant: str | None = None,
+                        max_shard_size: int | str = checkpoint.DEFAULT_MAX_SHARD_SIZE) -> None:
+        """Write ``config.json`` (``_class_name: "UNet2DModel"``) and the weights as diffusers does: one
+        ``diffusion_pytorch_model[.<variant>].safetensors``, or shards plus the index when the weights exceed
+        ``max_shard_size`` (bytes, or a string like ``"5GB"``). ``diffusers.UNet2DModel.from_pretrained`` loads it.
+        ``safe_serialization=False`` (a pickled ``.bin``) is refused: ddpm writes safetensors only."""
+        if not safe_serialization:
+            raise ValueError(f"safe_serialization=False asks for a pickled .bin; {checkpoint.NO_PICKLE}. Drop the "
+                             f"argument (True is the default)")
+        checkpoint.check_variant(variant)
+        self.save_config(save_directory)
+        checkpoint.save_state(self.state_dict(), Path(save_directory), variant, max_shard_size)
+
+
+# Keys that diffusers' EMAModel.save_pretrained adds to config.json (its EMA settings): ignored on load.
+EMA_CONFIG_KEYS = ("decay", "inv_gamma", "min_decay", "optimization_step", "power", "update_after_step",
+                   "use_ema_warmup")
+
+DeviceMap = str | int | torch.device | dict[str, Any] | None
+# device_map strategies that spread one model over several devices (accelerate's); ddpm places the whole UNet
+SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _load_dtype(torch_dtype: Any, dtype: Any) -> torch.dtype | None:
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+    chosen = dtype if dtype is not None else torch_dtype
+    if chosen is not None and not (isinstance(chosen, torch.dtype) and chosen.is_floating_point):
+        raise TypeError(f"torch_dtype={chosen!r} must be a floating-point torch.dtype, e.g. torch.float16")
+    return chosen
+
+
+def _device_from_map(device_map: DeviceMap, low_cpu_mem_usage: bool) -> torch.device:
+    # diffusers' device_map for one model: None, a device, or {"": device}
+    if device_map is None:
+        return torch.device("cpu")
+    if not low_cpu_mem_usage:
+        raise ValueError(f"device_map={device_map!r} needs low_cpu_mem_usage=True (as in diffusers)")
+    if isinstance(device_map, dict) and list(device_map) == [""]:
+        return _device_from_map(device_map[""], low_cpu_mem_usage)
+    if device_map in SPREADING_DEVICE_MAPS:
+        raise ValueError(f"device_map={device_map!r} spreads a model over several devices; ddpm puts the whole UNet on "
+                         f"one: pass that device, e.g. device_map='cuda' or 'cpu'")
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+        raise ValueError(f"device_map={device_map!r} is not supported; pass None, a device such as 'cpu' or "
+                         f"'cuda:0', a torch.device, or a device index")
+    try:
+        device = torch.device(device_map)
+        torch.empty(0, device=device)  # is it there?
+    except (RuntimeError, AssertionError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"device_map={device_map!r} is not a device available here ({why})") from None
+    return device
+
+
+def _layout_of(reference: Tensor) -> torch.memory_format:
+    # The memory format a parameter was built in (channels_last for the conv weights), so that loading keeps it
+    if reference.ndim == 4 and reference.is_contiguous(memory_format=torch.channels_last) \
+            and not reference.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _check_class_name(name: Any, where: str) -> None:
@@ -304,15 +434,18 @@ def _check_class_name(name: Any, where: str) -> None:
                          f"{CLASS_NAME} folders only")
 
 
-def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], weights_path: Path, config_path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+def _check_state_dict(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], weights_path: Path,
+                      config_path: Path) -> None:
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    missing = [k for k in shapes if k not in state]
+    unexpected = [k for k in state if k not in shapes]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {shapes[k]}"
+                  for k in shapes if k in state and tuple(state[k].shape) != shapes[k]]
+    not_float = [f"{k} is {state[k].dtype}" for k in shapes
+                 if k in state and expected[k].is_floating_point() and not state[k].is_floating_point()]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", mismatched)):
+                         ("shape mismatches", mismatched), ("not floating point (quantized or damaged?)", not_float)):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")

@@ -119,3 +119,59 @@ def test_invalid_json_names_the_file(saved):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         UNet.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.uint8, torch.int64])
+def test_integer_or_bool_weights_name_the_tensor_and_file(saved, dtype):
+    """A quantized or damaged file: a one-line ValueError, not a traceback from load_state_dict or forward."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    state = load_file(folder / WEIGHTS_NAME)
+    state["conv_in.weight"] = state["conv_in.weight"].to(dtype)
+    save_file(state, folder / WEIGHTS_NAME)
+    for low_cpu_mem_usage in (True, False):
+        with pytest.raises(ValueError, match=f"{WEIGHTS_NAME}.*not floating point.*conv_in.weight is {dtype}"):
+            UNet.from_pretrained(folder, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+@pytest.mark.parametrize("name", ["config.json", "scheduler_config.json", "model_index.json",
+                                  "diffusion_pytorch_model.safetensors.index.json"])
+def test_deeply_nested_or_binary_json_names_the_file(tmp_path, name):
+    from ddpm import DDPMScheduler, Pipeline
+
+    torch.manual_seed(0)
+    pipe = Pipeline(UNet(**TINY), DDPMScheduler(num_train_timesteps=10))
+    pipe.save_pretrained(tmp_path / "p", max_shard_size="20KB")
+    path = next((tmp_path / "p").rglob(name))
+    for content, why in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"), (b"\xff\xfe{}", "not UTF-8"),
+                         (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply")):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}.*{why}"):
+            Pipeline.from_pretrained(tmp_path / "p")
+
+
+def test_sharded_checkpoint_damage_names_the_file(saved, tmp_path):
+    unet, _ = saved
+    folder = tmp_path / "sharded"
+    unet.save_pretrained(folder, max_shard_size="20KB")
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    (folder / shards[-1]).rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=f"lists the shard {shards[-1]}, which is missing"):
+        UNet.from_pretrained(folder)
+    (tmp_path / "moved").rename(folder / shards[-1])
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][key] = shards[-1]  # the index says the tensor is elsewhere
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"does not hold what .*index.json lists.*{key}"):
+        UNet.from_pretrained(folder)
+    index["weight_map"][key] = "../../etc/passwd"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="must be a .safetensors file name in the same folder"):
+        UNet.from_pretrained(folder)
+    index_path.write_text(json.dumps({"weight_map": []}))
+    with pytest.raises(ValueError, match="weight_map"):
+        UNet.from_pretrained(folder)
