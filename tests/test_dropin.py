@@ -53,10 +53,8 @@ def images(pipe, seed=0, **kwargs):
 
 
 def test_issue_11_lines_run_as_written(folder, tmp_path):
-    """The lines at the top of issue 11, with ``diffusers`` replaced by ``ddpm`` in the imports.
-    (Two lines of that list belong to the schedulers' work: ``DPMSolverMultistepScheduler.from_config(
-    pipe.scheduler.config)`` and ``scheduler.save_config(folder)``; they are tested with the schedulers.)"""
-    from ddpm import DDIMPipeline, DDPMPipeline, UNet2DModel
+    """The lines at the top of issue 11, with ``diffusers`` replaced by ``ddpm`` in the imports."""
+    from ddpm import DDIMPipeline, DDPMPipeline, DPMSolverMultistepScheduler, UNet2DModel
 
     pipe = DDPMPipeline.from_pretrained(folder)
     p, d = folder / "unet", tmp_path / "saved"
@@ -65,6 +63,8 @@ def test_issue_11_lines_run_as_written(folder, tmp_path):
 
     config = dict(pipe.scheduler.config)
     prediction_type = pipe.scheduler.config["prediction_type"]
+    dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(tmp_path / "scheduler_copy")
     ddim = DDIMPipeline(**pipe.components)
     half = UNet2DModel.from_pretrained(p, low_cpu_mem_usage=False, torch_dtype=torch.float16)
     pipe.save_pretrained(d, safe_serialization=True)
@@ -74,6 +74,9 @@ def test_issue_11_lines_run_as_written(folder, tmp_path):
     theirs = diffusers.DDPMPipeline.from_pretrained(folder)
     assert plain(config) == plain(theirs.scheduler.config)
     assert prediction_type == theirs.scheduler.config["prediction_type"] == "epsilon"
+    theirs_dpm = diffusers.DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)
+    assert_same_entries(dpm.config, theirs_dpm.config)
+    assert plain(diffusers.DDPMScheduler.load_config(tmp_path / "scheduler_copy")) == plain(theirs.scheduler.config)
     assert isinstance(ddim.scheduler, DDIMScheduler)
     assert_same_entries(ddim.scheduler.config, diffusers.DDIMPipeline(**theirs.components).scheduler.config)
     assert half.dtype == torch.float16 == diffusers.UNet2DModel.from_pretrained(
