@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import DDPMScheduler, Pipeline, UNet, evaluate
+from ddpm import DDPMScheduler, Pipeline, UNet, data, evaluate
 from ddpm import metrics as M
 from ddpm.cli import run
 
@@ -161,13 +161,13 @@ def scores(digits, classifier):
 
 def test_held_out_real_images_score_near_zero(scores):
     s = scores["held_out"]
-    assert s["fid"] < 6
+    assert s["fd"] < 6
     assert abs(s["kid"]) < 3 * s["kid_std"] + 1.0
     assert s["precision"] > 0.8 and s["recall"] > 0.8
 
 
 def test_noise_corrupted_images_score_worse(scores):
-    assert scores["noisy"]["fid"] > 1.4 * scores["held_out"]["fid"]
+    assert scores["noisy"]["fd"] > 1.4 * scores["held_out"]["fd"]
     assert scores["noisy"]["kid"] > scores["held_out"]["kid"] + 3 * scores["noisy"]["kid_std"]
     assert scores["noisy"]["precision"] < scores["held_out"]["precision"]
 
@@ -176,12 +176,12 @@ def test_two_classes_have_low_recall(scores):
     s = scores["two_classes"]
     assert s["recall"] < 0.35  # 2 of 10 classes cover about a fifth of the real images
     assert s["precision"] > 0.8  # but what is there looks real
-    assert s["fid"] > 20 * scores["held_out"]["fid"]
+    assert s["fd"] > 20 * scores["held_out"]["fd"]
 
 
 def test_gaussian_noise_scores_far_worse(scores):
     s = scores["gaussian_noise"]
-    assert s["fid"] > 30 * scores["held_out"]["fid"] and s["fid"] > 10 * scores["noisy"]["fid"]
+    assert s["fd"] > 30 * scores["held_out"]["fd"] and s["fd"] > 10 * scores["noisy"]["fd"]
     assert s["precision"] < 0.1 and s["recall"] < 0.1
 
 
@@ -193,7 +193,7 @@ def test_rotation_extractor_for_unlabelled_images(digits):
     held = M.evaluate_images(digits["held"], digits["ref"], net, kid_subsets=5)
     noise = M.evaluate_images(torch.randn(digits["held"].shape, generator=g).clamp(-1, 1), digits["ref"], net,
                               kid_subsets=5)
-    assert noise["fid"] > 10 * held["fid"]
+    assert noise["fd"] > 10 * held["fd"]
     assert held["precision"] > 0.7 > noise["precision"]
 
 
@@ -248,11 +248,11 @@ def test_torchscript_and_export_files_and_callables(digits, tmp_path):
         torch.testing.assert_close(M.compute_features(loaded, x, batch_size=64), expected)
         scores = M.evaluate_images(x[:100], x[100:], loaded, kid_subsets=5)
         by_callable = M.evaluate_images(x[:100], x[100:], lambda imgs: module(imgs), kid_subsets=5)
-        for key in ("fid", "kid", "precision", "recall"):
+        for key in ("fd", "kid", "precision", "recall"):
             assert scores[key] == pytest.approx(by_callable[key], rel=1e-5, abs=1e-6)
     # Pixels as features, by a plain function: identical sets are at distance 0.
     same = M.evaluate_images(x, x.clone(), lambda imgs: imgs.flatten(1), kid_subsets=2)
-    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
+    assert same["fd"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
 
     (tmp_path / "bad.pt").write_text("not a model")
     with pytest.raises(ValueError, match="bad.pt"):
@@ -317,17 +317,17 @@ def test_evaluate_cli_appends_metrics_and_reuses_the_cache(tiny_pipeline, digit_
     assert [r["scheduler"] for r in records] == ["DDPMScheduler", "DDIMScheduler"]
     for r in records:
         assert r["num_images"] == r["num_real_images"] == 24 and r["num_inference_steps"] == 3
-        assert r["fid"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["kid"])
+        assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["kid"])
         assert "classes" in r["feature_extractor"]  # class sub-folders are labels
-    for name in ("fid", "kid", "precision", "recall"):  # the printed table
+    for name in ("fd", "kid", "precision", "recall"):  # the printed table
         assert f"{name} " in first.stdout and f"{records[0][name]:10.4f}" in first.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "logs"))
     events.Reload()
-    fid = events.Scalars("eval/fid")
+    fid = events.Scalars("eval/fd")
     assert [e.step for e in fid] == [0, 1]
-    assert [e.value for e in fid] == pytest.approx([r["fid"] for r in records], rel=1e-5)
+    assert [e.value for e in fid] == pytest.approx([r["fd"] for r in records], rel=1e-5)
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_pipeline", "bad_extractor", "resolution"])
@@ -354,10 +354,10 @@ def test_capped_real_images_come_from_every_class_folder(tmp_path, monkeypatch):
         (folder / cls).mkdir(parents=True)
         for i in range(6):
             Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(folder / cls / f"{i}.png")
-    monkeypatch.setattr(evaluate, "MAX_REAL_IMAGES", 6)
-    real = evaluate.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "MAX_REAL_IMAGES", 6)
+    real = data.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
     assert real.images.shape == (6, 3, 8, 8)
     assert real.labels is not None and set(real.labels.tolist()) == {0, 1}
-    monkeypatch.setattr(evaluate, "MAX_REAL_IMAGES", 100)  # not capped: every image, in the source's order
-    everything = evaluate.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "MAX_REAL_IMAGES", 100)  # not capped: every image, in the source's order
+    everything = data.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
     assert everything.labels is not None and everything.labels.tolist() == [0] * 6 + [1] * 6
