@@ -307,27 +307,113 @@ def test_evaluate_cli_appends_metrics_and_reuses_the_cache(tiny_pipeline, digit_
             "--cache_dir", tmp_path / "hf")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    assert "training the feature extractor" in first.stdout and "24/24" in first.stderr  # the progress bar
+    assert "training the feature extractor" in first.stdout and "24/24" in first.stderr  # the sampling bar
+    assert "training the feature network" in first.stderr and "5/5" in first.stderr  # and the network's
     assert "broken.png" in first.stderr
-    status, out, err = run_in_process(capsys, *args, "--scheduler", "ddim", "--seed", 1)
+    status, out, err = run_in_process(capsys, *args, "--scheduler", "ddpm", "--seed", 1)
     assert status == 0, err
-    assert "training the feature extractor" not in out  # the cached extractor is reused
+    assert "training the feature" not in out + err  # the cached extractor is reused
     assert len(list((tmp_path / "feature_extractors").glob("*.safetensors"))) == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["scheduler"] for r in records] == ["DDPMScheduler", "DDIMScheduler"]
+    assert [r["scheduler"] for r in records] == ["DDIMScheduler", "DDPMScheduler"]  # the default, then --scheduler
     for r in records:
         assert r["num_images"] == r["num_real_images"] == 24 and r["num_inference_steps"] == 3
         assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["kid"])
-        assert "classes" in r["feature_extractor"]  # class sub-folders are labels
+        assert "fid" not in r  # not Inception's space: not an FID
+        assert r["feature_extractor"] == "ddpm dataset CNN (classes, 64-d)"  # class sub-folders are labels
+        assert r["weights"] == "pipeline" and "step" not in r
+    assert "in the feature space of ddpm dataset CNN (classes, 64-d)" in first.stdout
+    assert "not comparable with published FIDs" in first.stdout
     for name in ("fd", "kid", "precision", "recall"):  # the printed table
         assert f"{name} " in first.stdout and f"{records[0][name]:10.4f}" in first.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "logs"))
     events.Reload()
-    fid = events.Scalars("eval/fd")
-    assert [e.step for e in fid] == [0, 1]
-    assert [e.value for e in fid] == pytest.approx([r["fd"] for r in records], rel=1e-5)
+    fd = events.Scalars("eval/fd")
+    assert [e.step for e in fd] == [0, 1]
+    assert [e.value for e in fd] == pytest.approx([r["fd"] for r in records], rel=1e-5)
+
+
+def test_evaluate_a_checkpoint_logs_into_its_run_at_its_step(tiny_pipeline, digit_folder, tmp_path, capsys):
+    # A checkpoint as contract 1 lays it out (ddpm.train's): scores go to the run folder, at the checkpoint's step.
+    run_dir = tmp_path / "run"
+    pipe = Pipeline.from_pretrained(tiny_pipeline)
+    pipe.unet.save_pretrained(run_dir / "checkpoint-40" / "unet")
+    pipe.unet.save_pretrained(run_dir / "checkpoint-40" / "unet_ema")
+    pipe.scheduler.save_pretrained(run_dir / "checkpoint-40" / "scheduler")
+    status, out, err = run_in_process(capsys, "--model", run_dir / "checkpoint-40", "--num_images", 8,
+                                      "--num_inference_steps", 2, "--train_data_dir", digit_folder,
+                                      "--extractor_steps", 2, "--cache_dir", tmp_path / "hf")
+    assert status == 0, err
+    record = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert record["step"] == 40 and record["weights"] == "ema"
+    assert not (run_dir / "checkpoint-40" / "metrics.jsonl").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/fd")] == [40]
+
+
+def test_evaluate_defaults_are_fast(tmp_path):
+    # The defaults the docs promise run in minutes on a 2-core CPU: 500 images, 50 DDIM steps, 300 CNN steps.
+    from ddpm.cli import open_pipeline
+
+    config = evaluate.parse_args(["--model", "m"])
+    assert config == evaluate.EvalConfig(model="m")  # the CLI and the Python API agree
+    assert (config.num_images, config.scheduler, config.num_inference_steps, config.extractor_steps) == \
+        (500, "ddim", None, 300)
+    torch.manual_seed(0)
+    unet = UNet(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    Pipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")  # 1000 training steps
+    assert open_pipeline(str(tmp_path / "m")).num_inference_steps == 50  # None: DDIM's own count
+
+
+def test_inception_needs_torch_fidelity_one_line_error(tiny_pipeline, digit_folder, tmp_path, capsys, monkeypatch):
+    # The extra is not installed in CI: pretend the package is missing either way, and check the message.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity"
+                        else real_find_spec(name, *a))
+    status, _, err = run_in_process(capsys, "--model", tiny_pipeline, "--feature_extractor", "inception",
+                                    "--num_images", 8, "--train_data_dir", digit_folder, "--output_dir", tmp_path)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "ddpm[inception]"' in lines[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_inception_without_weights_says_where_to_put_them(tiny_pipeline, digit_folder, tmp_path, capsys, monkeypatch):
+    # The package "installed" (a stand-in spec), the weights not: the error names the file and where to get it.
+    import importlib.machinery
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "torch_fidelity" else real_find_spec(name, *a))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    status, _, err = run_in_process(capsys, "--model", tiny_pipeline, "--feature_extractor", "inception",
+                                    "--num_images", 8, "--train_data_dir", digit_folder, "--output_dir", tmp_path)
+    assert status == 2
+    lines = err.strip().splitlines()
+    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert len(lines) == 1 and str(expected) in lines[0] and M.INCEPTION_WEIGHTS_URL in lines[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # A weights file that is a pickle running code is refused before torch-fidelity would open it.
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+    status, _, err = run_in_process(capsys, "--model", tiny_pipeline, "--feature_extractor", "inception",
+                                    "--num_images", 8, "--train_data_dir", digit_folder, "--output_dir", tmp_path)
+    assert status == 2 and "refused" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_library_modules_do_not_import_the_command_line_layer():
+    code = "import sys, ddpm.data, ddpm.metrics, ddpm.pipeline; print(sorted(m for m in sys.modules if m == 'ddpm.cli'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_pipeline", "bad_extractor", "resolution"])
