@@ -112,7 +112,7 @@ class LoadedModel:
 
 def is_training_checkpoint(folder: Path) -> bool:
     """A local folder with ``unet/`` but no ``model_index.json``: a checkpoint of ``ddpm.train`` or of diffusers'
-    train_unconditional.py (contract: docs/architecture.md, "Training checkpoints")."""
+    train_unconditional.py (``unet/``, optionally ``unet_ema/`` and ``scheduler/``, plus trainer state)."""
     return folder.is_dir() and (folder / "unet" / "config.json").is_file() and not (folder / "model_index.json").exists()
 
 
