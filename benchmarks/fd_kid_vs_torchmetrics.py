@@ -134,9 +134,9 @@ def interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def speed(sizes: list[tuple[int, int]], repeats: int, kid_subsets: int = 100) -> None:
+def speed(sizes: list[tuple[int, int]], repeats: int, kid_subsets: int = 100, fd: bool = True) -> None:
     print(f"Speed: medians of {repeats} interleaved repeats, seconds (ratio = torchmetrics / ddpm)")
-    for n, d in sizes:
+    for n, d in sizes if fd else []:
         a, b = features(n, d, 0), features(n, d, 1)
         t = interleaved({"ddpm": lambda: M.frechet_distance(a, b), "tm": lambda: fd_torchmetrics(a, b)}, repeats)
         print(f"FD  N={n:>6} D={d:>5}: ddpm {t['ddpm']:.3f}  torchmetrics {t['tm']:.3f}  ratio {t['tm'] / t['ddpm']:.2f}")
@@ -153,10 +153,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a loaded machine)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--kid_speed_only", action="store_true", help="only the KID timings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
-    if args.quick:
+    if args.kid_speed_only:
+        speed([(500, 64), (2000, 2048)] if args.quick else [(500, 64), (10000, 64), (10000, 2048)],
+              repeats=3 if args.quick else 5, kid_subsets=20 if args.quick else 100, fd=False)
+    elif args.quick:
         exactness([(500, 64), (2000, 64), (2000, 2048)])
         speed([(500, 64), (2000, 2048)], repeats=3, kid_subsets=20)
     else:

@@ -43,6 +43,9 @@ Features = torch.Tensor | np.ndarray
 
 # Bumped whenever the network or its training recipe changes, so that old caches are not reused.
 RECIPE_VERSION = 1
+# KID computes the kernel of every pair of rows once when it takes at most this much memory (float64) and fewer
+# products than one kernel per subset; otherwise one kernel per subset.
+KID_KERNEL_BYTES = 2**29
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,17 +125,33 @@ def kernel_inception_distance(features_a: Features, features_b: Features, num_su
         picks.append((torch.randperm(a.shape[0], generator=generator)[:m],
                       torch.randperm(b.shape[0], generator=generator)[:m]))
     estimates = []
-    group = max(1, 2**23 // (m * m))  # subsets per batched kernel: about 64 MB of float64 per kernel matrix
-    for start in range(0, num_subsets, group):
-        x = torch.stack([a[i] for i, _ in picks[start:start + group]])  # (G, m, D)
-        y = torch.stack([b[j] for _, j in picks[start:start + group]])  # (G, m, D)
-        kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)  # (G, m, m)
-        # Unbiased MMD^2 (Gretton et al. 2012): within-set means leave out the diagonal k(x_i, x_i).
-        diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
-        within = (kxx.sum((1, 2)) + kyy.sum((1, 2)) - diagonals) / (m * (m - 1))
-        estimates.append(within - 2 * kxy.mean((1, 2)))
+    n_a, n_b = a.shape[0], b.shape[0]
+    whole = n_a * n_a + n_b * n_b + n_a * n_b  # kernel entries over every pair of rows
+    if num_subsets > 1 and whole < 3 * num_subsets * m * m and whole * 8 <= KID_KERNEL_BYTES:
+        # Fewer products than kernels per subset, in little memory: every pair's kernel once, then each
+        # subset's kernels are gathered from it (the same float64 numbers either way).
+        kaa, kbb, kab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
+        for i, j in picks:
+            estimates.append(_unbiased_mmd2(kaa[i[:, None], i][None], kbb[j[:, None], j][None],
+                                            kab[i[:, None], j][None]))
+    else:
+        group = max(1, 2**23 // (m * m))  # subsets per batched kernel: about 64 MB of float64 per kernel matrix
+        for start in range(0, num_subsets, group):
+            x = torch.stack([a[i] for i, _ in picks[start:start + group]])  # (G, m, D)
+            y = torch.stack([b[j] for _, j in picks[start:start + group]])  # (G, m, D)
+            estimates.append(_unbiased_mmd2(_polynomial_kernel(x, x), _polynomial_kernel(y, y),
+                                            _polynomial_kernel(x, y)))
     values = torch.cat(estimates)
     return float(values.mean()), float(values.std()) if num_subsets > 1 else 0.0
+
+
+def _unbiased_mmd2(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
+    # Unbiased MMD^2 (Gretton et al. 2012) of (G, m, m) kernel blocks -> (G,): within-set means leave out the
+    # diagonal k(x_i, x_i).
+    m = kxx.shape[-1]
+    diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
+    within = (kxx.sum((1, 2)) + kyy.sum((1, 2)) - diagonals) / (m * (m - 1))
+    return within - 2 * kxy.mean((1, 2))
 
 
 def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

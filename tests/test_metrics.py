@@ -89,6 +89,28 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     assert std == pytest.approx(0.0, abs=1e-9)  # every subset is the whole set, reordered
 
 
+def test_kid_subsets_match_a_numpy_reference_by_either_path(monkeypatch):
+    # Each subset's MMD^2 from the numpy formula on the same random subsets (drawn as documented: one generator
+    # seeded `seed`, a permutation of each set per subset), against both ways of computing the kernels: every
+    # pair's kernel once and gathered (the default here: 50^2 + 60^2 + 50*60 entries < 3 * 40 * 20^2), and one
+    # kernel per subset (forced by a zero memory budget).
+    g = np.random.default_rng(2)
+    a, b = g.normal(size=(50, 6)), g.normal(0.3, 1.0, size=(60, 6))
+    generator, estimates = torch.Generator().manual_seed(7), []
+    for _ in range(40):
+        i = torch.randperm(50, generator=generator)[:20].numpy()
+        j = torch.randperm(60, generator=generator)[:20].numpy()
+        kxx, kyy, kxy = ((u @ v.T / 6 + 1) ** 3 for u, v in ((a[i], a[i]), (b[j], b[j]), (a[i], b[j])))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (20 * 19)
+        estimates.append(within - 2 * kxy.mean())
+    expected = (np.mean(estimates), np.std(estimates, ddof=1))
+    gathered = M.kernel_inception_distance(a, b, num_subsets=40, subset_size=20, seed=7)
+    monkeypatch.setattr(M, "KID_KERNEL_BYTES", 0)
+    per_subset = M.kernel_inception_distance(a, b, num_subsets=40, subset_size=20, seed=7)
+    np.testing.assert_allclose(gathered, expected, rtol=1e-12)
+    np.testing.assert_allclose(per_subset, expected, rtol=1e-12)
+
+
 def test_kid_is_about_zero_for_one_distribution_and_positive_for_two():
     g = np.random.default_rng(1)
     a, b = g.normal(size=(600, 8)), g.normal(size=(600, 8))
