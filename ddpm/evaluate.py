@@ -64,6 +64,11 @@ class EvalConfig:
     device: str | None = None
 
 
+def note(message: str) -> None:
+    """A one-line note on stderr, printed through any running progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Sample, score against real images, append to ``metrics.jsonl`` and tensorboard; returns the JSON record."""
     if config.num_images < 4 or config.batch_size < 1:
@@ -72,7 +77,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.extractor_steps < 1:
         raise CLIError(f"--extractor_steps {config.extractor_steps} must be at least 1")
     device = pick_device(config.device)
-    note = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731
     loaded = open_pipeline(config.model, config.scheduler, config.num_inference_steps, use_ema=not config.no_ema,
                            warn=note)
     pipe, steps = loaded.pipeline, loaded.num_inference_steps
