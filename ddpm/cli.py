@@ -1,26 +1,60 @@
-"""What every ddpm command line shares: one-line errors, a non-zero exit, and ``--debug`` for the traceback."""
+"""What every ddpm command line shares: one-line errors, a non-zero exit, ``--debug`` for the traceback, help
+that shows the defaults, and the flags and model loading of ``ddpm.sample`` and ``ddpm.evaluate``.
+
+``--model`` takes any of three folders (or a hub repo id of the first two):
+
+- a pipeline in diffusers' layout (``model_index.json``, ``unet/``, ``scheduler/``);
+- the single-folder layout of the original google/ddpm-* repos (``config.json`` next to ``scheduler_config.json``);
+- a training checkpoint, ``<output_dir>/checkpoint-<step>/``, as ``ddpm.train`` or diffusers'
+  train_unconditional.py write it: ``unet/``, with ``--use_ema`` also ``unet_ema/``, and (ddpm only)
+  ``scheduler/``. The EMA weights are used when present (``--no_ema``: the raw ``unet/``); the scheduler comes
+  from ``scheduler/``, else from the run's saved pipeline in ``<output_dir>``, else diffusers' default
+  ``DDPMScheduler``, with a warning.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ddpm.errors import CLIError, first_line
 
-class CLIError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+if TYPE_CHECKING:
+    from ddpm.pipeline import Pipeline
+
+__all__ = ["CLIError", "first_line", "USER_ERRORS", "HelpFormatter", "SCHEDULER_CHOICES", "DEFAULT_SCHEDULER",
+           "LoadedModel", "open_pipeline", "add_sampling_flags", "pick_device", "check_sampling_flags",
+           "add_debug_flag", "run"]
+
+# Errors that describe bad input (paths, files, values) rather than bugs: shown as one line. OSError covers the
+# missing files and folders. TypeError and KeyError are bugs until proven otherwise: they keep their traceback.
+USER_ERRORS = (CLIError, ValueError, OSError)
+
+# --scheduler NAME -> the scheduler class, by its diffusers class name (a key of ddpm.pipeline.SCHEDULERS).
+# A new sampler is one more line here.
+SCHEDULER_CHOICES: dict[str, str] = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+}
+DEFAULT_SCHEDULER = "ddim"  # the fastest sampler ddpm has that gives good images: DDIM, 50 steps
 
 
-# Errors that describe bad input (paths, files, values) rather than bugs: shown as one line.
-USER_ERRORS = (CLIError, ValueError, TypeError, OSError, KeyError)  # OSError covers the missing files and folders
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every default shown (``(default: 16)``), and the description's examples kept as written.
 
+    A default of None or False is not shown: the help text says what leaving the flag out means."""
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message ("" if it has none): the part a one-line error shows."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def pick_device(flag: str | None) -> torch.device:
@@ -41,9 +75,124 @@ def check_sampling_flags(eta: float, seed: int, num_images: int) -> None:
         raise CLIError(f"--seed {seed} must be between 0 and 2**64 - --num_images")
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser, num_images: int, batch_size: int) -> None:
+    """The flags ``ddpm.sample`` and ``ddpm.evaluate`` share, with their defaults."""
+    parser.add_argument("--model", required=True,
+                        help="pipeline folder, hub repo id, or training checkpoint folder (<output_dir>/checkpoint-N)")
+    parser.add_argument("--no_ema", action="store_true",
+                        help="with a training checkpoint: sample the raw weights (unet/) instead of the EMA ones "
+                             "(unet_ema/, used when present)")
+    parser.add_argument("--num_images", type=int, default=num_images, help="images to sample")
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="images sampled at once")
+    parser.add_argument("--scheduler", choices=list(SCHEDULER_CHOICES), default=DEFAULT_SCHEDULER,
+                        help="the sampler, on the model's training schedule")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="sampling steps (default: the sampler's own: ddim 50, ddpm num_train_timesteps)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0 = deterministic)")
+    parser.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i, whatever --batch_size")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
+
+# ---- opening --model ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What ``--model`` named, ready to sample: the pipeline, the checked step count and what was loaded."""
+
+    pipeline: Pipeline
+    num_inference_steps: int
+    weights: str                   # "pipeline", "ema" (a checkpoint's unet_ema/) or "raw" (its unet/)
+    checkpoint_step: int | None    # N of a checkpoint-N folder, else None
+    run_dir: Path | None           # a checkpoint's output_dir (its parent folder), else None
+
+
+def is_training_checkpoint(folder: Path) -> bool:
+    """A local folder with ``unet/`` but no ``model_index.json``: a checkpoint of ``ddpm.train`` or of diffusers'
+    train_unconditional.py (``unet/``, optionally ``unet_ema/`` and ``scheduler/``, plus trainer state)."""
+    return folder.is_dir() and (folder / "unet" / "config.json").is_file() and not (folder / "model_index.json").exists()
+
+
+def open_pipeline(model: str, scheduler: str = DEFAULT_SCHEDULER, num_inference_steps: int | None = None,
+                  use_ema: bool = True, warn: Callable[[str], object] | None = None) -> LoadedModel:
+    """The pipeline at ``model`` (see the module docstring for the folders it takes) with the ``--scheduler``
+    class swapped in on the model's own schedule, and the checked number of sampling steps (default: the
+    scheduler's own, at most the model's ``num_train_timesteps``). ``warn`` gets one-line notes (e.g. a checkpoint without a scheduler)."""
+    # Imported here: ddpm.train imports this module for run(), and its --help should not wait for the UNet.
+    from ddpm.pipeline import SCHEDULERS, Pipeline
+
+    if scheduler not in SCHEDULER_CHOICES:
+        raise CLIError(f"--scheduler {scheduler} is not one of {', '.join(SCHEDULER_CHOICES)}")
+    folder = Path(model).expanduser()
+    weights, step, run_dir = "pipeline", None, None
+    if is_training_checkpoint(folder):
+        pipe, weights = _checkpoint_pipeline(folder, use_ema, warn)
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        step = int(match.group(1)) if match else None
+        run_dir = folder.parent
+    else:
+        _refuse_run_folder_without_pipeline(folder)
+        if not use_ema:
+            raise CLIError(f"--no_ema applies to training checkpoints (<output_dir>/checkpoint-N); {model} is a saved "
+                           f"pipeline, which holds one set of weights")
+        pipe = Pipeline.from_pretrained(model)
+    cls = SCHEDULERS[SCHEDULER_CHOICES[scheduler]]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    total = pipe.scheduler.num_train_timesteps
+    steps = num_inference_steps if num_inference_steps is not None else min(_default_steps(pipe.scheduler), total)
+    if not 1 <= steps <= total:
+        raise CLIError(f"--num_inference_steps {steps} must be between 1 and the model's num_train_timesteps ({total})")
+    return LoadedModel(pipe, steps, weights, step, run_dir)
+
+
+def _default_steps(scheduler: Any) -> int:
+    # The scheduler class's default_num_inference_steps (None: every training step); DDIM's 50 where the class
+    # predates that attribute.
+    default = getattr(type(scheduler), "default_num_inference_steps", 50 if type(scheduler).__name__ == "DDIMScheduler"
+                      else None)
+    return int(default) if default is not None else int(scheduler.num_train_timesteps)
+
+
+def _checkpoint_pipeline(folder: Path, use_ema: bool, warn: Callable[[str], object] | None) -> tuple[Pipeline, str]:
+    from ddpm.checkpoint import SCHEDULER_CONFIG_NAME
+    from ddpm.config import read_json
+    from ddpm.pipeline import SCHEDULERS, Pipeline
+    from ddpm.schedulers import DDPMScheduler
+    from ddpm.unet import UNet
+
+    ema = use_ema and (folder / "unet_ema" / "config.json").is_file()
+    unet = UNet.from_pretrained(folder, subfolder="unet_ema" if ema else "unet")
+    own = folder / "scheduler" / SCHEDULER_CONFIG_NAME
+    if own.is_file():  # ddpm.train's checkpoints
+        config = read_json(own)
+        name = config.get("_class_name", "DDPMScheduler")
+        if name not in SCHEDULERS:
+            raise ValueError(f"{own}: scheduler class {name!r} is not supported; ddpm has {', '.join(SCHEDULERS)}")
+        return Pipeline(unet=unet, scheduler=SCHEDULERS[name].from_config(config)), "ema" if ema else "raw"
+    if (folder.parent / "model_index.json").is_file():  # train_unconditional.py's: the run's pipeline knows
+        pipe = Pipeline.from_pretrained(folder.parent, unet=unet)
+        return pipe, "ema" if ema else "raw"
+    if warn is not None:
+        warn(f"note: {folder} has no scheduler/ and {folder.parent} no saved pipeline: sampling with diffusers' "
+             f"default DDPMScheduler (1000 steps, linear betas)")
+    return Pipeline(unet=unet, scheduler=DDPMScheduler()), "ema" if ema else "raw"
+
+
+def _refuse_run_folder_without_pipeline(folder: Path) -> None:
+    # A run's output_dir before its first pipeline save holds only checkpoints: name the newest one.
+    if not folder.is_dir() or (folder / "model_index.json").exists() or (folder / "config.json").exists():
+        return
+    steps = sorted(int(m.group(1)) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    if steps:
+        raise CLIError(f"{folder} holds no saved pipeline yet; sample a training checkpoint instead, "
+                       f"e.g. --model {folder / f'checkpoint-{steps[-1]}'}")
+
+
+# ---- running a command ----------------------------------------------------------------------------------------
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, prog: str = "ddpm") -> int:
     """Run ``main(argv)``; turn user errors into ``prog: error: <message>`` on stderr and exit status 2.

@@ -121,7 +121,10 @@ def config_from_dict(cls: type[C], d: Mapping[str, Any], ignore: Iterable[str] =
         if key not in names:
             raise ValueError(f"unknown config key {key!r} for {cls.__name__}; known keys: {', '.join(sorted(names))}")
         kwargs[key] = _freeze(value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a value of the wrong type in the file (check_int, ...): bad input, like a bad value
+        raise ValueError(str(e)) from e
 
 
 def config_to_dict(config: Any, class_name: str) -> dict[str, Any]:

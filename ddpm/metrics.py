@@ -4,11 +4,13 @@ Inception weights cannot be downloaded everywhere, so the default feature space 
 small CNN trained for a few seconds to minutes on the dataset's own real images: it classifies the labels when
 the dataset has them, and otherwise predicts which of 0/90/180/270 degrees an image was rotated by
 (a self-supervised proxy, Gidaris et al. 2018), so that any image folder works. It is cached per dataset.
-Numbers from it compare models on the same dataset; they are not comparable with published Inception FIDs.
-For those, pass your own extractor (a TorchScript or ``torch.export`` file, or any Python callable).
+Numbers from it compare models on the same dataset; they are not comparable with published Inception FIDs,
+which is why the Fréchet distance is called ``fd`` here, not ``fid``. For a standard FID use
+``inception_extractor()`` (torchmetrics' copy of the TF-Inception network, an optional extra) or pass your own
+extractor (a TorchScript or ``torch.export`` file, or any Python callable).
 
     extractor = dataset_extractor(real_images, labels, cache_dir="out")
-    evaluate_images(generated, real_images, extractor)  # {"fid": ..., "kid": ..., "precision": ..., ...}
+    evaluate_images(generated, real_images, extractor)  # {"fd": ..., "kid": ..., "precision": ..., ...}
 
 Every image tensor here is ``[N x C x H x W]`` in ``[-1, 1]``; features are ``[N x D]``.
 """
@@ -17,21 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ddpm.checkpoint import load_weights, save_weights
-from ddpm.cli import first_line
+from ddpm.errors import first_line
 from ddpm.config import config_from_dict, read_json, write_json
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -39,6 +43,9 @@ Features = torch.Tensor | np.ndarray
 
 # Bumped whenever the network or its training recipe changes, so that old caches are not reused.
 RECIPE_VERSION = 1
+# KID computes the kernel of every pair of rows once when it takes at most this much memory (float64) and fewer
+# products than one kernel per subset; otherwise one kernel per subset.
+KID_KERNEL_BYTES = 2**29
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,17 +125,33 @@ def kernel_inception_distance(features_a: Features, features_b: Features, num_su
         picks.append((torch.randperm(a.shape[0], generator=generator)[:m],
                       torch.randperm(b.shape[0], generator=generator)[:m]))
     estimates = []
-    group = max(1, 2**23 // (m * m))  # subsets per batched kernel: about 64 MB of float64 per kernel matrix
-    for start in range(0, num_subsets, group):
-        x = torch.stack([a[i] for i, _ in picks[start:start + group]])  # (G, m, D)
-        y = torch.stack([b[j] for _, j in picks[start:start + group]])  # (G, m, D)
-        kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)  # (G, m, m)
-        # Unbiased MMD^2 (Gretton et al. 2012): within-set means leave out the diagonal k(x_i, x_i).
-        diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
-        within = (kxx.sum((1, 2)) + kyy.sum((1, 2)) - diagonals) / (m * (m - 1))
-        estimates.append(within - 2 * kxy.mean((1, 2)))
+    n_a, n_b = a.shape[0], b.shape[0]
+    whole = n_a * n_a + n_b * n_b + n_a * n_b  # kernel entries over every pair of rows
+    if num_subsets > 1 and whole < 3 * num_subsets * m * m and whole * 8 <= KID_KERNEL_BYTES:
+        # Fewer products than kernels per subset, in little memory: every pair's kernel once, then each
+        # subset's kernels are gathered from it (the same float64 numbers either way).
+        kaa, kbb, kab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
+        for i, j in picks:
+            estimates.append(_unbiased_mmd2(kaa[i[:, None], i][None], kbb[j[:, None], j][None],
+                                            kab[i[:, None], j][None]))
+    else:
+        group = max(1, 2**23 // (m * m))  # subsets per batched kernel: about 64 MB of float64 per kernel matrix
+        for start in range(0, num_subsets, group):
+            x = torch.stack([a[i] for i, _ in picks[start:start + group]])  # (G, m, D)
+            y = torch.stack([b[j] for _, j in picks[start:start + group]])  # (G, m, D)
+            estimates.append(_unbiased_mmd2(_polynomial_kernel(x, x), _polynomial_kernel(y, y),
+                                            _polynomial_kernel(x, y)))
     values = torch.cat(estimates)
     return float(values.mean()), float(values.std()) if num_subsets > 1 else 0.0
+
+
+def _unbiased_mmd2(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> torch.Tensor:
+    # Unbiased MMD^2 (Gretton et al. 2012) of (G, m, m) kernel blocks -> (G,): within-set means leave out the
+    # diagonal k(x_i, x_i).
+    m = kxx.shape[-1]
+    diagonals = kxx.diagonal(dim1=1, dim2=2).sum(1) + kyy.diagonal(dim1=1, dim2=2).sum(1)
+    within = (kxx.sum((1, 2)) + kyy.sum((1, 2)) - diagonals) / (m * (m - 1))
+    return within - 2 * kxy.mean((1, 2))
 
 
 def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -198,8 +221,8 @@ def evaluate_images(generated: torch.Tensor, reference: torch.Tensor, extractor:
                     seed: int = 0) -> dict[str, float]:
     """Compare generated images with real ones, both ``[N x C x H x W]`` in ``[-1, 1]``, in the extractor's space.
 
-    Returns ``fid`` (Fréchet distance; 0 is best), ``kid`` and ``kid_std`` (0 is best), ``precision`` and
-    ``recall`` (k-NN, 1 is best).
+    Returns ``fd`` (Fréchet distance; 0 is best; FID when the extractor is Inception's), ``kid`` and ``kid_std``
+    (0 is best), ``precision`` and ``recall`` (k-NN, 1 is best).
     """
     if generated.shape[1:] != reference.shape[1:]:
         raise ValueError(f"generated images have shape {tuple(generated.shape[1:])} but the reference images "
@@ -214,7 +237,7 @@ def feature_metrics(real: Features, generated: Features, k: int = 3, kid_subsets
     """``evaluate_images`` on features already computed (``[N x D]`` each), e.g. real ones computed once."""
     kid, kid_std = kernel_inception_distance(real, generated, kid_subsets, kid_subset_size, seed)
     precision, recall = precision_recall(real, generated, k)
-    return {"fid": frechet_distance(real, generated), "kid": kid, "kid_std": kid_std,
+    return {"fd": frechet_distance(real, generated), "kid": kid, "kid_std": kid_std,
             "precision": precision, "recall": recall}
 
 
@@ -238,6 +261,64 @@ def load_extractor(path: str | os.PathLike[str], device: torch.device | str = "c
                          f"{first_line(e) or type(e).__name__}") from e
     module.eval()
     return module
+
+
+# The standard FID's network: the TF-Inception v3 graph of Heusel et al. 2017 (2015-12-05 weights), ported to
+# PyTorch by torch-fidelity (the package torchmetrics' FID uses). An optional extra: pip install "ddpm[inception]".
+INCEPTION_NAME = "Inception-v3 pool3 2048-d (torch-fidelity's port of the TF-FID network)"
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
+
+
+def inception_weights_path() -> Path:
+    """Where torch-fidelity keeps the Inception weights once downloaded: torch hub's checkpoint cache
+    (``$TORCH_HOME/hub/checkpoints/``). ddpm never downloads them itself."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
+
+
+class InceptionFeatures(nn.Module):
+    """``[N x C x H x W]`` images in ``[-1, 1]`` (C = 1 or 3) -> ``[N x 2048]`` pool3 features of the FID network.
+
+    The images are quantised to 8 bits as a saved PNG would be (grayscale repeated to RGB); the network resizes
+    them to 299x299 with TF1's bilinear resize, as the original FID code does."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # = to_pil's 8 bits
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return self.network(pixels)[0]  # (N, 2048)
+
+
+def inception_extractor(device: torch.device | str = "cpu",
+                        weights: str | os.PathLike[str] | None = None) -> InceptionFeatures:
+    """The FID network as a feature extractor, from ``weights`` (default: ``inception_weights_path()``).
+
+    Needs the torch-fidelity package and the weights file on disk; a missing one is a one-line error saying how
+    to get it. The file is read with ``torch.load(weights_only=True)`` first, so a pickle that would run code is
+    refused before torch-fidelity opens it."""
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ValueError('the Inception FID needs the torch-fidelity package: pip install "ddpm[inception]" '
+                         '(or pip install torch-fidelity)')
+    path = Path(weights) if weights is not None else inception_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights not found at {path}: download them there from "
+                                f"{INCEPTION_WEIGHTS_URL}")
+    load_weights(path)  # a ValueError naming the file unless it holds only tensors
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    forced, os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"), "1"
+    try:  # torch-fidelity calls torch.load(weights_only=False); the variable makes torch refuse code anyway
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    finally:
+        if forced is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
+    return InceptionFeatures(network).to(device).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,10 +376,10 @@ def _check_images(images: torch.Tensor) -> None:
 
 def train_extractor(images: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 1000,
                     batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
-                    device: torch.device | str = "cpu") -> FeatureNet:
+                    device: torch.device | str = "cpu", progress: bool = False) -> FeatureNet:
     """Train a ``FeatureNet`` on real images ``[N x C x H x W]`` in ``[-1, 1]``: classification of ``labels``
     (``[N]`` integers) when given, else rotation prediction. Deterministic for a given seed and thread count;
-    the global RNG is left untouched.
+    the global RNG is left untouched. ``progress``: a tqdm bar over the steps.
     """
     _check_images(images)
     if labels is not None and labels.shape != (images.shape[0],):
@@ -316,7 +397,7 @@ def train_extractor(images: torch.Tensor, labels: torch.Tensor | None = None, st
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
     net.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="training the feature network", unit="step", disable=not progress):
         index = torch.randint(images.shape[0], (batch_size,), generator=generator)
         x, y = images[index].to(device), targets[index]
         if config.task == "rotation":
@@ -355,12 +436,22 @@ def dataset_key(images: torch.Tensor, labels: torch.Tensor | None, recipe: Mappi
     return h.hexdigest()[:16]
 
 
+def _load_cached(weights: Path, card: Path) -> FeatureNet:
+    config = read_json(card).get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{card} has no 'config' object")
+    net = FeatureNet(config_from_dict(ExtractorConfig, config))
+    net.load_state_dict(load_weights(weights))  # RuntimeError when the weights do not fit the config
+    return net
+
+
 def dataset_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_dir: str | os.PathLike[str],
                       description: str = "", steps: int = 1000, seed: int = 0,
                       device: torch.device | str = "cpu",
-                      log: Callable[[str], object] | None = print) -> FeatureNet:
+                      log: Callable[[str], object] | None = tqdm.write, progress: bool = False) -> FeatureNet:
     """The default feature extractor for a dataset: trained by ``train_extractor`` on ``images``/``labels`` the
     first time, saved as ``<cache_dir>/feature_extractors/<key>.safetensors`` (+ ``.json``), reused afterwards.
+    ``log`` gets a one-line note when it trains; ``progress`` shows a bar over the training steps.
 
     ``key`` hashes the pixels, labels, resolution and recipe, so another dataset or resolution trains anew.
     """
@@ -370,15 +461,16 @@ def dataset_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_d
     folder = Path(cache_dir) / "feature_extractors"
     weights, card = folder / f"{key}.safetensors", folder / f"{key}.json"
     if weights.is_file() and card.is_file():
-        info = read_json(card)
-        net = FeatureNet(config_from_dict(ExtractorConfig, info["config"]))
-        net.load_state_dict(load_weights(weights))
-        return net.to(device).eval().requires_grad_(False)
+        try:
+            return _load_cached(weights, card).to(device).eval().requires_grad_(False)
+        except (ValueError, RuntimeError) as e:  # a damaged cache is rebuilt, not fatal
+            if log is not None:
+                log(f"warning: the cached feature extractor {weights} is damaged ({first_line(e)}); training it again")
     if log is not None:
         task = "classifying its labels" if labels is not None else "predicting rotations"
         log(f"training the feature extractor on {images.shape[0]} real images ({task}), cached as {weights}")
     start = time.perf_counter()
-    net = train_extractor(images, labels, steps=steps, seed=seed, device=device)
+    net = train_extractor(images, labels, steps=steps, seed=seed, device=device, progress=progress)
     seconds = time.perf_counter() - start
     folder.mkdir(parents=True, exist_ok=True)
     # Write under temporary names and rename, so that a crash or a parallel run never leaves half a cache.
@@ -390,3 +482,25 @@ def dataset_extractor(images: torch.Tensor, labels: torch.Tensor | None, cache_d
     os.replace(f"{card}.tmp", card)
     return net
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording scores
+# --------------------------------------------------------------------------------------------------------------
+
+def log_metrics(output_dir: str | os.PathLike[str], record: Mapping[str, Any], scalars: Mapping[str, float],
+                step: int | None = None) -> None:
+    """Append ``record`` as one JSON line to ``<output_dir>/metrics.jsonl`` and write ``scalars`` as tensorboard
+    ``eval/<name>`` at ``step`` under ``<output_dir>/logs`` (default step: the number of earlier records)."""
+    jsonl = Path(output_dir) / "metrics.jsonl"
+    if step is None:
+        step = sum(1 for _ in jsonl.open(encoding="utf-8")) if jsonl.is_file() else 0
+    with jsonl.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(dict(record)) + "\n")
+    if not scalars:
+        return
+    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow, and only needed now
+
+    with SummaryWriter(str(Path(output_dir) / "logs")) as writer:
+        for name, value in scalars.items():
+            writer.add_scalar(f"eval/{name}", value, step)

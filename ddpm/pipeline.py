@@ -14,7 +14,9 @@ with diffusers' call signatures, so scripts written for diffusers run with only 
 from __future__ import annotations
 
 import inspect
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -370,3 +372,35 @@ class DDIMPipeline(Pipeline):
         return self._sample(batch_size=batch_size, generator=generator, num_inference_steps=num_inference_steps,
                             output_type=output_type, return_dict=return_dict, eta=eta,
                             use_clipped_model_output=use_clipped_model_output)
+
+
+# ---- sampling many images in batches (ddpm.sample, ddpm.evaluate, the trainer's scoring) ----------------------
+
+def sample_batches(pipe: Pipeline, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0,
+                   eta: float = 0.0, output_type: Literal["pil", "np", "pt"] = "pil",
+                   progress: bool = True, leave: bool = True) -> Iterator[tuple[int, Any]]:
+    """``(first, images)`` per batch of at most ``batch_size``: images ``first``, ``first + 1``, ... of
+    ``num_images``, image i drawn with its own generator seeded ``seed + i`` (so the set does not depend on
+    ``batch_size``). ``progress=False`` hides the per-step bars; ``leave=False`` clears each when done."""
+    num_batches = math.ceil(num_images / batch_size)
+    for b in range(num_batches):
+        first = b * batch_size
+        count = min(batch_size, num_images - first)
+        generators = [torch.Generator().manual_seed(seed + first + i) for i in range(count)]
+        pipe.set_progress_bar_config(desc=f"batch {b + 1}/{num_batches}", leave=leave, disable=not progress)
+        yield first, pipe(batch_size=count, generator=generators, num_inference_steps=num_inference_steps,
+                          eta=eta, output_type=output_type)[0]
+
+
+def generate(pipe: Pipeline, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0,
+             eta: float = 0.0, progress: bool = True) -> torch.Tensor:
+    """``num_images`` samples as an ``[N x C x H x W]`` CPU tensor in ``[-1, 1]``; image i uses seed ``seed + i``
+    (as ``sample_batches``), so the set does not depend on ``batch_size``. ``progress=False``: no bars."""
+    out = []
+    with tqdm(total=num_images, desc="sampling", unit="image", disable=not progress) as bar:  # inner bars: steps
+        for _, images in sample_batches(pipe, num_images, batch_size, num_inference_steps, seed, eta,
+                                        output_type="pt", progress=progress, leave=False):
+            assert isinstance(images, torch.Tensor)
+            out.append(images.float().cpu() * 2 - 1)  # the pipeline's [0, 1] back to model space [-1, 1]
+            bar.update(images.shape[0])
+    return torch.cat(out)

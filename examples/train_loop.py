@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm import DDPMScheduler, Pipeline, UNet
-from ddpm.evaluate import load_real_images
+from ddpm.data import load_real_images
 from ddpm.images import make_grid, to_pil
 
 p = argparse.ArgumentParser()

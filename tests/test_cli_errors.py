@@ -59,11 +59,23 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bad_unet_config": lambda d: edit_json(d / "unet" / "config.json", block_out_channels=[4, 6]),
         "empty_unet_config": lambda d: (d / "unet" / "config.json").write_text(""),
         "bad_scheduler_config": lambda d: edit_json(d / "scheduler" / "scheduler_config.json", beta_start="0.1"),
+        "unet_config_wrong_type": lambda d: edit_json(d / "unet" / "config.json", layers_per_block="2"),
+        "scheduler_config_wrong_type": lambda d: edit_json(d / "scheduler" / "scheduler_config.json",
+                                                           clip_sample="yes"),
     }
     for name, edit in edits.items():
         shutil.copytree(good, root / name)
         edit(root / name)
         out[name] = root / name
+    # A training checkpoint (contract 1) whose EMA weights are truncated, and a run folder with only checkpoints.
+    checkpoint = root / "run" / "checkpoint-4"
+    shutil.copytree(good / "unet", checkpoint / "unet")
+    shutil.copytree(good / "unet", checkpoint / "unet_ema")
+    truncate(checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    out["bad_ema_checkpoint"], out["run_without_pipeline"] = checkpoint, root / "run"
+    out["old_samples"] = root / "old_samples"
+    out["old_samples"].mkdir()
+    (out["old_samples"] / "00000.png").write_bytes(b"")  # only its name matters
     return out
 
 
@@ -127,6 +139,19 @@ CASES: list[tuple[str, tuple[str, ...], list[str], bool, list[str]]] = [
     ("unreachable_dataset", ("evaluate",), ["--dataset_name", "no-such-user/no-such-dataset"], False,
      ["--dataset_name"]),
     ("zero_extractor_steps", ("evaluate",), ["--extractor_steps", "0"], False, ["--extractor_steps"]),
+    # Wrongly typed config values were TypeErrors, shown as one line only because USER_ERRORS caught every
+    # TypeError (and so hid real bugs); they are ValueErrors naming the file and key now.
+    ("unet_config_wrong_type", ("sample", "evaluate"), ["--model", "{unet_config_wrong_type}"], False,
+     ["config.json", "layers_per_block"]),
+    ("scheduler_config_wrong_type", ("sample", "evaluate"), ["--model", "{scheduler_config_wrong_type}"], False,
+     ["clip_sample"]),
+    ("no_ema_on_a_pipeline", ("sample", "evaluate"), ["--no_ema"], False, ["--no_ema", "checkpoint"]),
+    ("truncated_ema_weights_in_checkpoint", ("sample", "evaluate"), ["--model", "{bad_ema_checkpoint}"], False,
+     ["unet_ema", "truncated"]),
+    ("run_folder_without_pipeline", ("sample", "evaluate"), ["--model", "{run_without_pipeline}"], False,
+     ["checkpoint-4"]),
+    ("output_holds_old_samples", ("sample",), ["--output", "{old_samples}"], False,
+     ["old_samples", "--overwrite"]),
 ]
 
 def _params() -> list[Any]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import DDPMScheduler, Pipeline, UNet, evaluate
+from ddpm import DDPMScheduler, Pipeline, UNet, data, evaluate
 from ddpm import metrics as M
 from ddpm.cli import run
 
@@ -87,6 +87,28 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     mean, std = M.kernel_inception_distance(x, y, num_subsets=3, subset_size=100)
     assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
     assert std == pytest.approx(0.0, abs=1e-9)  # every subset is the whole set, reordered
+
+
+def test_kid_subsets_match_a_numpy_reference_by_either_path(monkeypatch):
+    # Each subset's MMD^2 from the numpy formula on the same random subsets (drawn as documented: one generator
+    # seeded `seed`, a permutation of each set per subset), against both ways of computing the kernels: every
+    # pair's kernel once and gathered (the default here: 50^2 + 60^2 + 50*60 entries < 3 * 40 * 20^2), and one
+    # kernel per subset (forced by a zero memory budget).
+    g = np.random.default_rng(2)
+    a, b = g.normal(size=(50, 6)), g.normal(0.3, 1.0, size=(60, 6))
+    generator, estimates = torch.Generator().manual_seed(7), []
+    for _ in range(40):
+        i = torch.randperm(50, generator=generator)[:20].numpy()
+        j = torch.randperm(60, generator=generator)[:20].numpy()
+        kxx, kyy, kxy = ((u @ v.T / 6 + 1) ** 3 for u, v in ((a[i], a[i]), (b[j], b[j]), (a[i], b[j])))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (20 * 19)
+        estimates.append(within - 2 * kxy.mean())
+    expected = (np.mean(estimates), np.std(estimates, ddof=1))
+    gathered = M.kernel_inception_distance(a, b, num_subsets=40, subset_size=20, seed=7)
+    monkeypatch.setattr(M, "KID_KERNEL_BYTES", 0)
+    per_subset = M.kernel_inception_distance(a, b, num_subsets=40, subset_size=20, seed=7)
+    np.testing.assert_allclose(gathered, expected, rtol=1e-12)
+    np.testing.assert_allclose(per_subset, expected, rtol=1e-12)
 
 
 def test_kid_is_about_zero_for_one_distribution_and_positive_for_two():
@@ -161,13 +183,13 @@ def scores(digits, classifier):
 
 def test_held_out_real_images_score_near_zero(scores):
     s = scores["held_out"]
-    assert s["fid"] < 6
+    assert s["fd"] < 6
     assert abs(s["kid"]) < 3 * s["kid_std"] + 1.0
     assert s["precision"] > 0.8 and s["recall"] > 0.8
 
 
 def test_noise_corrupted_images_score_worse(scores):
-    assert scores["noisy"]["fid"] > 1.4 * scores["held_out"]["fid"]
+    assert scores["noisy"]["fd"] > 1.4 * scores["held_out"]["fd"]
     assert scores["noisy"]["kid"] > scores["held_out"]["kid"] + 3 * scores["noisy"]["kid_std"]
     assert scores["noisy"]["precision"] < scores["held_out"]["precision"]
 
@@ -176,12 +198,12 @@ def test_two_classes_have_low_recall(scores):
     s = scores["two_classes"]
     assert s["recall"] < 0.35  # 2 of 10 classes cover about a fifth of the real images
     assert s["precision"] > 0.8  # but what is there looks real
-    assert s["fid"] > 20 * scores["held_out"]["fid"]
+    assert s["fd"] > 20 * scores["held_out"]["fd"]
 
 
 def test_gaussian_noise_scores_far_worse(scores):
     s = scores["gaussian_noise"]
-    assert s["fid"] > 30 * scores["held_out"]["fid"] and s["fid"] > 10 * scores["noisy"]["fid"]
+    assert s["fd"] > 30 * scores["held_out"]["fd"] and s["fd"] > 10 * scores["noisy"]["fd"]
     assert s["precision"] < 0.1 and s["recall"] < 0.1
 
 
@@ -193,7 +215,7 @@ def test_rotation_extractor_for_unlabelled_images(digits):
     held = M.evaluate_images(digits["held"], digits["ref"], net, kid_subsets=5)
     noise = M.evaluate_images(torch.randn(digits["held"].shape, generator=g).clamp(-1, 1), digits["ref"], net,
                               kid_subsets=5)
-    assert noise["fid"] > 10 * held["fid"]
+    assert noise["fd"] > 10 * held["fd"]
     assert held["precision"] > 0.7 > noise["precision"]
 
 
@@ -248,11 +270,11 @@ def test_torchscript_and_export_files_and_callables(digits, tmp_path):
         torch.testing.assert_close(M.compute_features(loaded, x, batch_size=64), expected)
         scores = M.evaluate_images(x[:100], x[100:], loaded, kid_subsets=5)
         by_callable = M.evaluate_images(x[:100], x[100:], lambda imgs: module(imgs), kid_subsets=5)
-        for key in ("fid", "kid", "precision", "recall"):
+        for key in ("fd", "kid", "precision", "recall"):
             assert scores[key] == pytest.approx(by_callable[key], rel=1e-5, abs=1e-6)
     # Pixels as features, by a plain function: identical sets are at distance 0.
     same = M.evaluate_images(x, x.clone(), lambda imgs: imgs.flatten(1), kid_subsets=2)
-    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
+    assert same["fd"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
 
     (tmp_path / "bad.pt").write_text("not a model")
     with pytest.raises(ValueError, match="bad.pt"):
@@ -307,27 +329,113 @@ def test_evaluate_cli_appends_metrics_and_reuses_the_cache(tiny_pipeline, digit_
             "--cache_dir", tmp_path / "hf")
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    assert "training the feature extractor" in first.stdout and "24/24" in first.stderr  # the progress bar
+    assert "training the feature extractor" in first.stdout and "24/24" in first.stderr  # the sampling bar
+    assert "training the feature network" in first.stderr and "5/5" in first.stderr  # and the network's
     assert "broken.png" in first.stderr
-    status, out, err = run_in_process(capsys, *args, "--scheduler", "ddim", "--seed", 1)
+    status, out, err = run_in_process(capsys, *args, "--scheduler", "ddpm", "--seed", 1)
     assert status == 0, err
-    assert "training the feature extractor" not in out  # the cached extractor is reused
+    assert "training the feature" not in out + err  # the cached extractor is reused
     assert len(list((tmp_path / "feature_extractors").glob("*.safetensors"))) == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["scheduler"] for r in records] == ["DDPMScheduler", "DDIMScheduler"]
+    assert [r["scheduler"] for r in records] == ["DDIMScheduler", "DDPMScheduler"]  # the default, then --scheduler
     for r in records:
         assert r["num_images"] == r["num_real_images"] == 24 and r["num_inference_steps"] == 3
-        assert r["fid"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["kid"])
-        assert "classes" in r["feature_extractor"]  # class sub-folders are labels
-    for name in ("fid", "kid", "precision", "recall"):  # the printed table
+        assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["kid"])
+        assert "fid" not in r  # not Inception's space: not an FID
+        assert r["feature_extractor"] == "ddpm dataset CNN (classes, 64-d)"  # class sub-folders are labels
+        assert r["weights"] == "pipeline" and "step" not in r
+    assert "in the feature space of ddpm dataset CNN (classes, 64-d)" in first.stdout
+    assert "not comparable with published FIDs" in first.stdout
+    for name in ("fd", "kid", "precision", "recall"):  # the printed table
         assert f"{name} " in first.stdout and f"{records[0][name]:10.4f}" in first.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "logs"))
     events.Reload()
-    fid = events.Scalars("eval/fid")
-    assert [e.step for e in fid] == [0, 1]
-    assert [e.value for e in fid] == pytest.approx([r["fid"] for r in records], rel=1e-5)
+    fd = events.Scalars("eval/fd")
+    assert [e.step for e in fd] == [0, 1]
+    assert [e.value for e in fd] == pytest.approx([r["fd"] for r in records], rel=1e-5)
+
+
+def test_evaluate_a_checkpoint_logs_into_its_run_at_its_step(tiny_pipeline, digit_folder, tmp_path, capsys):
+    # A checkpoint as contract 1 lays it out (ddpm.train's): scores go to the run folder, at the checkpoint's step.
+    run_dir = tmp_path / "run"
+    pipe = Pipeline.from_pretrained(tiny_pipeline)
+    pipe.unet.save_pretrained(run_dir / "checkpoint-40" / "unet")
+    pipe.unet.save_pretrained(run_dir / "checkpoint-40" / "unet_ema")
+    pipe.scheduler.save_pretrained(run_dir / "checkpoint-40" / "scheduler")
+    status, out, err = run_in_process(capsys, "--model", run_dir / "checkpoint-40", "--num_images", 8,
+                                      "--num_inference_steps", 2, "--train_data_dir", digit_folder,
+                                      "--extractor_steps", 2, "--cache_dir", tmp_path / "hf")
+    assert status == 0, err
+    record = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert record["step"] == 40 and record["weights"] == "ema"
+    assert not (run_dir / "checkpoint-40" / "metrics.jsonl").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/fd")] == [40]
+
+
+def test_evaluate_defaults_are_fast(tmp_path):
+    # The defaults the docs promise run in minutes on a 2-core CPU: 500 images, 50 DDIM steps, 300 CNN steps.
+    from ddpm.cli import open_pipeline
+
+    config = evaluate.parse_args(["--model", "m"])
+    assert config == evaluate.EvalConfig(model="m")  # the CLI and the Python API agree
+    assert (config.num_images, config.scheduler, config.num_inference_steps, config.extractor_steps) == \
+        (500, "ddim", None, 300)
+    torch.manual_seed(0)
+    unet = UNet(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    Pipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")  # 1000 training steps
+    assert open_pipeline(str(tmp_path / "m")).num_inference_steps == 50  # None: DDIM's own count
+
+
+def test_inception_needs_torch_fidelity_one_line_error(tiny_pipeline, digit_folder, tmp_path, capsys, monkeypatch):
+    # The extra is not installed in CI: pretend the package is missing either way, and check the message.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity"
+                        else real_find_spec(name, *a))
+    status, _, err = run_in_process(capsys, "--model", tiny_pipeline, "--feature_extractor", "inception",
+                                    "--num_images", 8, "--train_data_dir", digit_folder, "--output_dir", tmp_path)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "ddpm[inception]"' in lines[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_inception_without_weights_says_where_to_put_them(tiny_pipeline, digit_folder, tmp_path, capsys, monkeypatch):
+    # The package "installed" (a stand-in spec), the weights not: the error names the file and where to get it.
+    import importlib.machinery
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "torch_fidelity" else real_find_spec(name, *a))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    status, _, err = run_in_process(capsys, "--model", tiny_pipeline, "--feature_extractor", "inception",
+                                    "--num_images", 8, "--train_data_dir", digit_folder, "--output_dir", tmp_path)
+    assert status == 2
+    lines = err.strip().splitlines()
+    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert len(lines) == 1 and str(expected) in lines[0] and M.INCEPTION_WEIGHTS_URL in lines[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # A weights file that is a pickle running code is refused before torch-fidelity would open it.
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+    status, _, err = run_in_process(capsys, "--model", tiny_pipeline, "--feature_extractor", "inception",
+                                    "--num_images", 8, "--train_data_dir", digit_folder, "--output_dir", tmp_path)
+    assert status == 2 and "refused" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_library_modules_do_not_import_the_command_line_layer():
+    code = "import sys, ddpm.data, ddpm.metrics, ddpm.pipeline; print(sorted(m for m in sys.modules if m == 'ddpm.cli'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_pipeline", "bad_extractor", "resolution"])
@@ -354,10 +462,10 @@ def test_capped_real_images_come_from_every_class_folder(tmp_path, monkeypatch):
         (folder / cls).mkdir(parents=True)
         for i in range(6):
             Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(folder / cls / f"{i}.png")
-    monkeypatch.setattr(evaluate, "MAX_REAL_IMAGES", 6)
-    real = evaluate.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "MAX_REAL_IMAGES", 6)
+    real = data.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
     assert real.images.shape == (6, 3, 8, 8)
     assert real.labels is not None and set(real.labels.tolist()) == {0, 1}
-    monkeypatch.setattr(evaluate, "MAX_REAL_IMAGES", 100)  # not capped: every image, in the source's order
-    everything = evaluate.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "MAX_REAL_IMAGES", 100)  # not capped: every image, in the source's order
+    everything = data.load_real_images(None, str(folder), 8, 3, cache_dir=str(tmp_path / "cache"))
     assert everything.labels is not None and everything.labels.tolist() == [0] * 6 + [1] * 6

@@ -195,12 +195,12 @@ def test_eval_epochs_scores_samples_during_training(tmp_path):
     train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["step"] == 2 and records[0]["num_images"] == 8
-    assert records[0]["fid"] > 0 and 0 <= records[0]["precision"] <= 1 and 0 <= records[0]["recall"] <= 1
+    assert records[0]["fd"] > 0 and 0 <= records[0]["precision"] <= 1 and 0 <= records[0]["recall"] <= 1
     assert list((out / "feature_extractors").glob("*.safetensors")), "the feature network is cached"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = [EventAccumulator(str(p.parent)).Reload() for p in (out / "logs").rglob("events.out.tfevents.*")]
-    assert any("eval/fid" in e.Tags()["scalars"] for e in events)
+    assert any("eval/fd" in e.Tags()["scalars"] for e in events)
 
 
 def test_notebook_launcher_runs_train(files, tmp_path):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from ddpm.cli import CLIError
+from ddpm.errors import CLIError
 from ddpm.schedule import BETA_SCHEDULES, PREDICTION_TYPES, BetaSchedule, PredictionType
 
 MixedPrecision = Literal["no", "fp16", "bf16"]

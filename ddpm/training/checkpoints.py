@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ddpm.checkpoint import MODEL_CONFIG_NAME, SCHEDULER_CONFIG_NAME, WEIGHTS_NAME
-from ddpm.cli import first_line
+from ddpm.errors import first_line
 from ddpm.config import config_to_dict
 from ddpm.ema import EMA
 from ddpm.training import rng

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm import checkpoint
-from ddpm.cli import first_line
+from ddpm.errors import first_line
 from ddpm.config import read_json
 from ddpm.training.args import TrainConfig
 from ddpm.training.checkpoints import (ABANDONED_PREFIX, MARKER, PREFIX, TMP_PREFIX, checkpoint_folders,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ddpm.checkpoint import MODEL_CONFIG_NAME, SCHEDULER_CONFIG_NAME, WEIGHTS_NAME, load_weights
-from ddpm.cli import first_line
+from ddpm.errors import first_line
 from ddpm.config import read_json
 from ddpm.training import rng
 from ddpm.training.checkpoints import (FORMAT, FORMAT_VERSION, MARKER, NAME_PATTERN, OPTIMIZER_NAME,

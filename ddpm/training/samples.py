@@ -27,30 +27,31 @@ class Scorer:
     cached in output_dir) and the real images' features are prepared on first use and reused."""
 
     def __init__(self, config: TrainConfig, unet_config: Any, device: torch.device) -> None:
-        from ddpm import evaluate, metrics
+        from ddpm import data, metrics
 
         self.config, self.device = config, device
-        real = evaluate.load_real_images(config.dataset_name, config.train_data_dir, config.resolution,
+        real = data.load_real_images(config.dataset_name, config.train_data_dir, config.resolution,
                                          unet_config.in_channels, config.dataset_config_name, config.cache_dir)
-        train, pool = evaluate.split_real_images(real)
+        train, pool = data.split_real_images(real)
         self.extractor = metrics.dataset_extractor(train.images, train.labels, config.output_dir, train.description,
                                                    steps=config.eval_extractor_steps, device=device)
         pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))
         self.reference = metrics.compute_features(self.extractor, pool[pick[:config.eval_num_images]])  # (N, D), once
 
     def __call__(self, unet: UNet, noise_scheduler: DDPMScheduler, step: int, accelerator: Accelerator) -> None:
-        from ddpm import evaluate, metrics
+        from ddpm import metrics
+        from ddpm.pipeline import generate
 
         c = self.config
         pipeline = inference_pipeline(c, unet, noise_scheduler)
         with own_rng(accelerator):  # evaluation must not move the training RNG
-            generated = evaluate.generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps,
+            generated = generate(pipeline, c.eval_num_images, c.eval_batch_size, c.ddpm_num_inference_steps,
                                           progress=False)
             scores = metrics.feature_metrics(self.reference, metrics.compute_features(self.extractor, generated))
         record = {"step": step, **scores, "num_images": c.eval_num_images,
                   "scheduler": type(pipeline.scheduler).__name__,
                   "num_inference_steps": c.ddpm_num_inference_steps, "ema": c.use_ema}
-        evaluate.log_metrics(c.output_dir, record, {}, step=step)  # metrics.jsonl
+        metrics.log_metrics(c.output_dir, record, {}, step=step)  # metrics.jsonl
         accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)  # the run's tensorboard
         say(accelerator, "eval at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items())))
 

@@ -54,7 +54,7 @@ def plot_training(run: Path) -> None:
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
     fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
-    ax[0].plot([r["step"] for r in records], [r["fid"] for r in records], "o-")
+    ax[0].plot([r["step"] for r in records], [r["fd"] for r in records], "o-")
     ax[0].set(xlabel="optimiser step", ylabel="Fréchet distance", title="FD in the dataset CNN's space")
     for name in ("precision", "recall"):
         ax[1].plot([r["step"] for r in records], [r[name] for r in records], "o-", label=name)
@@ -100,7 +100,7 @@ def main() -> None:
             record = evaluate(EvalConfig(model=str(model), num_images=args.num_images, batch_size=args.num_images,
                                          scheduler=scheduler, num_inference_steps=steps, output_dir=str(args.run)))
             results.append({"weights": weights, "scheduler": scheduler, "steps": steps,
-                            **{k: record[k] for k in ("fid", "kid", "precision", "recall", "sample_seconds")}})
+                            **{k: record[k] for k in ("fd", "kid", "precision", "recall", "sample_seconds")}})
             print(json.dumps(results[-1]), file=sys.stderr)
     (HERE / "comparison.json").write_text(json.dumps(results, indent=1) + "\n")
 
