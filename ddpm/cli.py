@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddpm.errors import CLIError, first_line
+from ddpm.schedulers import KARRAS_SAMPLERS, SAMPLERS, SCHEDULERS, SOLVER_ORDER_SAMPLERS
 
 if TYPE_CHECKING:
     from ddpm.pipeline import Pipeline
 
-__all__ = ["CLIError", "first_line", "USER_ERRORS", "HelpFormatter", "SCHEDULER_CHOICES", "DEFAULT_SCHEDULER",
+__all__ = ["CLIError", "first_line", "USER_ERRORS", "HelpFormatter", "DEFAULT_SCHEDULER",
            "LoadedModel", "open_pipeline", "add_sampling_flags", "pick_device", "check_sampling_flags",
            "add_debug_flag", "run"]
 
@@ -37,12 +38,7 @@ __all__ = ["CLIError", "first_line", "USER_ERRORS", "HelpFormatter", "SCHEDULER_
 # missing files and folders. TypeError and KeyError are bugs until proven otherwise: they keep their traceback.
 USER_ERRORS = (CLIError, ValueError, OSError)
 
-# --scheduler NAME -> the scheduler class, by its diffusers class name (a key of ddpm.pipeline.SCHEDULERS).
-# A new sampler is one more line here.
-SCHEDULER_CHOICES: dict[str, str] = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-}
+# --scheduler NAME: a key of ddpm.schedulers.SAMPLERS
 DEFAULT_SCHEDULER = "ddim"  # the fastest sampler ddpm has that gives good images: DDIM, 50 steps
 
 
@@ -84,10 +80,17 @@ def add_sampling_flags(parser: argparse.ArgumentParser, num_images: int, batch_s
                              "(unet_ema/, used when present)")
     parser.add_argument("--num_images", type=int, default=num_images, help="images to sample")
     parser.add_argument("--batch_size", type=int, default=batch_size, help="images sampled at once")
-    parser.add_argument("--scheduler", choices=list(SCHEDULER_CHOICES), default=DEFAULT_SCHEDULER,
-                        help="the sampler, on the model's training schedule")
+    parser.add_argument("--scheduler", choices=list(SAMPLERS), default=DEFAULT_SCHEDULER,
+                        help="the sampler, on the model's training schedule: dpm is DPM-Solver++(2M), sde-dpm its "
+                             "stochastic variant (docs/samplers.md compares them)")
+    own = ", ".join(f"{name} {SCHEDULERS[cls].default_num_inference_steps or 'num_train_timesteps'}"
+                    for name, (cls, _) in SAMPLERS.items())
     parser.add_argument("--num_inference_steps", type=int, default=None,
-                        help="sampling steps (default: the sampler's own: ddim 50, ddpm num_train_timesteps)")
+                        help=f"sampling steps (default: the sampler's own: {own})")
+    parser.add_argument("--solver_order", type=int, default=None, choices=[1, 2, 3],
+                        help="order of the multistep samplers (dpm, sde-dpm, unipc); default: theirs, 2")
+    parser.add_argument("--karras_sigmas", action="store_true",
+                        help="noise levels spaced as in Karras et al. 2022 (dpm, sde-dpm, unipc, euler, heun)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="image i is drawn with seed + i, whatever --batch_size")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -110,26 +113,27 @@ class LoadedModel:
     run_dir: Path | None           # a checkpoint's output_dir (its parent folder), else None
 
 
-def is_training_checkpoint(folder: Path) -> bool:
-    """A local folder with ``unet/`` but no ``model_index.json``: a checkpoint of ``ddpm.train`` or of diffusers'
-    train_unconditional.py (``unet/``, optionally ``unet_ema/`` and ``scheduler/``, plus trainer state)."""
-    return folder.is_dir() and (folder / "unet" / "config.json").is_file() and not (folder / "model_index.json").exists()
-
-
 def open_pipeline(model: str, scheduler: str = DEFAULT_SCHEDULER, num_inference_steps: int | None = None,
-                  use_ema: bool = True, warn: Callable[[str], object] | None = None) -> LoadedModel:
+                  use_ema: bool = True, warn: Callable[[str], object] | None = None, solver_order: int | None = None,
+                  karras_sigmas: bool = False) -> LoadedModel:
     """The pipeline at ``model`` (see the module docstring for the folders it takes) with the ``--scheduler``
-    class swapped in on the model's own schedule, and the checked number of sampling steps (default: the
-    scheduler's own, at most the model's ``num_train_timesteps``). ``warn`` gets one-line notes (e.g. a checkpoint without a scheduler)."""
+    sampler swapped in on the model's own schedule, and the checked number of sampling steps (default: the
+    sampler's own, at most the model's ``num_train_timesteps``). ``warn`` gets one-line notes (e.g. a checkpoint
+    without a scheduler)."""
     # Imported here: ddpm.train imports this module for run(), and its --help should not wait for the UNet.
-    from ddpm.pipeline import SCHEDULERS, Pipeline
+    from ddpm.pipeline import Pipeline, checkpoint_pipeline, is_training_checkpoint
+    from ddpm.schedulers import sampler
 
-    if scheduler not in SCHEDULER_CHOICES:
-        raise CLIError(f"--scheduler {scheduler} is not one of {', '.join(SCHEDULER_CHOICES)}")
+    if scheduler not in SAMPLERS:
+        raise CLIError(f"--scheduler {scheduler} is not one of {', '.join(SAMPLERS)}")
+    if solver_order is not None and scheduler not in SOLVER_ORDER_SAMPLERS:
+        raise CLIError(f"--solver_order applies to --scheduler {' or '.join(SOLVER_ORDER_SAMPLERS)}, not {scheduler}")
+    if karras_sigmas and scheduler not in KARRAS_SAMPLERS:
+        raise CLIError(f"--karras_sigmas applies to --scheduler {' or '.join(KARRAS_SAMPLERS)}, not {scheduler}")
     folder = Path(model).expanduser()
     weights, step, run_dir = "pipeline", None, None
     if is_training_checkpoint(folder):
-        pipe, weights = _checkpoint_pipeline(folder, use_ema, warn)
+        pipe, weights = checkpoint_pipeline(folder, use_ema, warn)
         match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
         step = int(match.group(1)) if match else None
         run_dir = folder.parent
@@ -139,46 +143,12 @@ def open_pipeline(model: str, scheduler: str = DEFAULT_SCHEDULER, num_inference_
             raise CLIError(f"--no_ema applies to training checkpoints (<output_dir>/checkpoint-N); {model} is a saved "
                            f"pipeline, which holds one set of weights")
         pipe = Pipeline.from_pretrained(model)
-    cls = SCHEDULERS[SCHEDULER_CHOICES[scheduler]]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.scheduler = sampler(scheduler, pipe.scheduler.config, solver_order, karras_sigmas)
     total = pipe.scheduler.num_train_timesteps
-    steps = num_inference_steps if num_inference_steps is not None else min(_default_steps(pipe.scheduler), total)
+    steps = num_inference_steps if num_inference_steps is not None else min(pipe.default_num_inference_steps, total)
     if not 1 <= steps <= total:
         raise CLIError(f"--num_inference_steps {steps} must be between 1 and the model's num_train_timesteps ({total})")
     return LoadedModel(pipe, steps, weights, step, run_dir)
-
-
-def _default_steps(scheduler: Any) -> int:
-    # The scheduler class's default_num_inference_steps (None: every training step); DDIM's 50 where the class
-    # predates that attribute.
-    default = getattr(type(scheduler), "default_num_inference_steps", 50 if type(scheduler).__name__ == "DDIMScheduler"
-                      else None)
-    return int(default) if default is not None else int(scheduler.num_train_timesteps)
-
-
-def _checkpoint_pipeline(folder: Path, use_ema: bool, warn: Callable[[str], object] | None) -> tuple[Pipeline, str]:
-    from ddpm.checkpoint import SCHEDULER_CONFIG_NAME
-    from ddpm.config import read_json
-    from ddpm.pipeline import SCHEDULERS, Pipeline
-    from ddpm.schedulers import DDPMScheduler
-    from ddpm.unet import UNet
-
-    ema = use_ema and (folder / "unet_ema" / "config.json").is_file()
-    unet = UNet.from_pretrained(folder, subfolder="unet_ema" if ema else "unet")
-    own = folder / "scheduler" / SCHEDULER_CONFIG_NAME
-    if own.is_file():  # ddpm.train's checkpoints
-        config = read_json(own)
-        name = config.get("_class_name", "DDPMScheduler")
-        if name not in SCHEDULERS:
-            raise ValueError(f"{own}: scheduler class {name!r} is not supported; ddpm has {', '.join(SCHEDULERS)}")
-        return Pipeline(unet=unet, scheduler=SCHEDULERS[name].from_config(config)), "ema" if ema else "raw"
-    if (folder.parent / "model_index.json").is_file():  # train_unconditional.py's: the run's pipeline knows
-        pipe = Pipeline.from_pretrained(folder.parent, unet=unet)
-        return pipe, "ema" if ema else "raw"
-    if warn is not None:
-        warn(f"note: {folder} has no scheduler/ and {folder.parent} no saved pipeline: sampling with diffusers' "
-             f"default DDPMScheduler (1000 steps, linear betas)")
-    return Pipeline(unet=unet, scheduler=DDPMScheduler()), "ema" if ema else "raw"
 
 
 def _refuse_run_folder_without_pipeline(folder: Path) -> None:

@@ -47,7 +47,9 @@ class EvalConfig:
     num_images: int = 500
     batch_size: int = 64
     num_inference_steps: int | None = None  # None: the scheduler's own (ddim: 50, ddpm: num_train_timesteps)
-    scheduler: str = DEFAULT_SCHEDULER      # a key of ddpm.cli.SCHEDULER_CHOICES
+    scheduler: str = DEFAULT_SCHEDULER      # a key of ddpm.schedulers.SAMPLERS
+    solver_order: int | None = None         # dpm, sde-dpm, unipc: their order (None: 2)
+    karras_sigmas: bool = False             # the σ-based samplers: Karras et al.'s noise levels
     eta: float = 0.0
     seed: int = 0
     no_ema: bool = False                    # a training checkpoint's raw unet/ instead of unet_ema/
@@ -78,6 +80,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         raise CLIError(f"--extractor_steps {config.extractor_steps} must be at least 1")
     device = pick_device(config.device)
     loaded = open_pipeline(config.model, config.scheduler, config.num_inference_steps, use_ema=not config.no_ema,
+                           solver_order=config.solver_order, karras_sigmas=config.karras_sigmas,
                            warn=note)
     pipe, steps = loaded.pipeline, loaded.num_inference_steps
     size = pipe.unet.config.sample_size

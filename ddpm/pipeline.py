@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -372,6 +372,41 @@ class DDIMPipeline(Pipeline):
         return self._sample(batch_size=batch_size, generator=generator, num_inference_steps=num_inference_steps,
                             output_type=output_type, return_dict=return_dict, eta=eta,
                             use_clipped_model_output=use_clipped_model_output)
+
+
+# ---- training checkpoints (ddpm.train's and train_unconditional.py's checkpoint-N folders) --------------------
+
+def is_training_checkpoint(folder: str | os.PathLike[str]) -> bool:
+    """A local folder with ``unet/`` but no ``model_index.json``: a checkpoint of ``ddpm.train`` or of diffusers'
+    train_unconditional.py (``unet/``, optionally ``unet_ema/`` and ``scheduler/``, plus trainer state)."""
+    folder = Path(folder)
+    return folder.is_dir() and (folder / "unet" / checkpoint.MODEL_CONFIG_NAME).is_file() \
+        and not (folder / checkpoint.PIPELINE_INDEX_NAME).exists()
+
+
+def checkpoint_pipeline(folder: str | os.PathLike[str], use_ema: bool = True,
+                        warn: Callable[[str], object] | None = None) -> tuple[Pipeline, str]:
+    """A pipeline from a training checkpoint folder and which weights it holds: ``"ema"`` (``unet_ema/``, used when
+    present and ``use_ema``) or ``"raw"`` (``unet/``). The scheduler comes from ``scheduler/`` (ddpm.train writes
+    it), else from the run's saved pipeline in the parent folder (train_unconditional.py), else it is diffusers'
+    default ``DDPMScheduler``, with a note to ``warn``."""
+    folder = Path(folder)
+    ema = use_ema and (folder / "unet_ema" / checkpoint.MODEL_CONFIG_NAME).is_file()
+    weights = "ema" if ema else "raw"
+    unet = UNet.from_pretrained(folder, subfolder="unet_ema" if ema else "unet")
+    own = folder / "scheduler" / checkpoint.SCHEDULER_CONFIG_NAME
+    if own.is_file():
+        config = read_json(own)
+        name = config.get("_class_name", "DDPMScheduler")
+        if name not in SCHEDULERS:
+            raise ValueError(f"{own}: scheduler class {name!r} is not supported; ddpm has {', '.join(SCHEDULERS)}")
+        return Pipeline(unet=unet, scheduler=SCHEDULERS[name].from_config(config)), weights
+    if (folder.parent / checkpoint.PIPELINE_INDEX_NAME).is_file():
+        return Pipeline.from_pretrained(folder.parent, unet=unet), weights
+    if warn is not None:
+        warn(f"note: {folder} has no scheduler/ and {folder.parent} no saved pipeline: sampling with diffusers' "
+             f"default DDPMScheduler (1000 steps, linear betas)")
+    return Pipeline(unet=unet, scheduler=DDPMScheduler()), weights
 
 
 # ---- sampling many images in batches (ddpm.sample, ddpm.evaluate, the trainer's scoring) ----------------------

@@ -37,7 +37,9 @@ class SampleConfig:
     num_images: int = 16
     batch_size: int = 16
     num_inference_steps: int | None = None  # None: the scheduler's own (ddim: 50, ddpm: num_train_timesteps)
-    scheduler: str = DEFAULT_SCHEDULER      # a key of ddpm.cli.SCHEDULER_CHOICES
+    scheduler: str = DEFAULT_SCHEDULER      # a key of ddpm.schedulers.SAMPLERS
+    solver_order: int | None = None         # dpm, sde-dpm, unipc: their order (None: 2)
+    karras_sigmas: bool = False             # the σ-based samplers: Karras et al.'s noise levels
     eta: float = 0.0
     seed: int = 0
     output: str = "samples"
@@ -76,6 +78,7 @@ def sample(config: SampleConfig) -> Path:
     old = check_output(out, config.overwrite)
     device = pick_device(config.device)
     loaded = open_pipeline(config.model, config.scheduler, config.num_inference_steps, use_ema=not config.no_ema,
+                           solver_order=config.solver_order, karras_sigmas=config.karras_sigmas,
                            warn=lambda message: tqdm.write(message, file=sys.stderr))
     pipe = loaded.pipeline.to(device)
 

@@ -581,3 +581,31 @@ def test_lr_schedules_have_diffusers_shapes(name):
     theirs = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=12))
     assert ours == pytest.approx(theirs, abs=1e-12)
     assert ours[1] == pytest.approx(1e-3 / 3 if name != "constant" else 1e-3)
+
+
+@pytest.mark.parametrize("name, theirs, settings", [
+    ("ddpm", "DDPMScheduler", {}), ("ddim", "DDIMScheduler", {}),
+    ("dpm", "DPMSolverMultistepScheduler", {}),
+    ("sde-dpm", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("unipc", "UniPCMultistepScheduler", {}), ("euler", "EulerDiscreteScheduler", {}),
+    ("heun", "HeunDiscreteScheduler", {}),
+])
+def test_sample_grid_samplers_on_the_training_schedule(name, theirs, settings):
+    # --ddpm_inference_scheduler NAME: that sampler swapped onto the run's noise schedule, as a diffusers user swaps
+    # it with from_config (same timesteps).
+    import diffusers
+
+    from ddpm.schedulers import DDPMScheduler
+    from ddpm.training.samples import inference_pipeline
+    from ddpm.unet import UNet
+
+    config = parse_args(["--ddpm_inference_scheduler", name, "--ddpm_num_steps", "100",
+                         "--ddpm_beta_schedule", "squaredcos_cap_v2"])
+    noise = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    pipeline = inference_pipeline(config, UNet(**json.loads(Path(SMALL_UNET_CONFIG).read_text())), noise)
+    reference = getattr(diffusers, theirs).from_config(
+        diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2").config, **settings)
+    assert type(pipeline.scheduler).__name__ == theirs
+    pipeline.scheduler.set_timesteps(7)
+    reference.set_timesteps(7)
+    assert pipeline.scheduler.timesteps.tolist() == reference.timesteps.tolist()

@@ -4,8 +4,12 @@
     from ddpm.schedulers import DDPMScheduler, DPMSolverMultistepScheduler
     scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)   # swap, as in diffusers
 
-``SCHEDULERS`` maps each diffusers class name to our class (for ``_class_name`` in saved configs).
+``SCHEDULERS`` maps each diffusers class name to our class (for ``_class_name`` in saved configs); ``SAMPLERS``
+maps the short names of the command lines (``--scheduler dpm``) to a class and its settings, and ``sampler``
+builds one on a model's training schedule.
 """
+
+from typing import Any, Union, cast
 
 from ddpm.schedulers.base import BaseScheduler, SchedulerOutput
 from ddpm.schedulers.config import (DDIMSchedulerConfig, DDPMSchedulerConfig, DPMSolverMultistepSchedulerConfig,
@@ -28,7 +32,46 @@ SCHEDULERS: dict[str, type[BaseScheduler]] = {
     "HeunDiscreteScheduler": HeunDiscreteScheduler,
 }
 
-__all__ = ["SCHEDULERS", "BaseScheduler", "SchedulerOutput", "SchedulerConfig", "Generator", "draw_noise",
+AnyScheduler = Union[DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+                     EulerDiscreteScheduler, HeunDiscreteScheduler]
+
+# The command lines' sampler names (ddpm.sample/ddpm.evaluate --scheduler, ddpm.train --ddpm_inference_scheduler):
+# name -> (diffusers class name, settings on top of the model's schedule). "dpm" is DPM-Solver++(2M) (Lu et al.
+# 2022b), "sde-dpm" its stochastic variant, which adds fresh noise at every step.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm": ("DPMSolverMultistepScheduler", {}),
+    "sde-dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+# Which of those take --solver_order and --karras_sigmas
+SOLVER_ORDER_SAMPLERS = ("dpm", "sde-dpm", "unipc")
+KARRAS_SAMPLERS = ("dpm", "sde-dpm", "unipc", "euler", "heun")
+
+
+def sampler(name: str, config: Any, solver_order: int | None = None, karras_sigmas: bool = False) -> AnyScheduler:
+    """The sampler ``name`` (a key of ``SAMPLERS``) on the training schedule of ``config`` (any scheduler's config),
+    with ``solver_order`` (multistep samplers) or Karras noise levels (σ-based samplers) when given."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    class_name, settings = SAMPLERS[name]
+    settings = dict(settings)
+    if solver_order is not None:
+        if name not in SOLVER_ORDER_SAMPLERS:
+            raise ValueError(f"solver_order applies to the multistep samplers ({', '.join(SOLVER_ORDER_SAMPLERS)}), "
+                             f"not to {name}")
+        settings["solver_order"] = solver_order
+    if karras_sigmas:
+        if name not in KARRAS_SAMPLERS:
+            raise ValueError(f"Karras sigmas apply to the σ-based samplers ({', '.join(KARRAS_SAMPLERS)}), not to {name}")
+        settings["use_karras_sigmas"] = True
+    return cast(AnyScheduler, SCHEDULERS[class_name].from_config(config, **settings))
+
+
+__all__ = ["SCHEDULERS", "SAMPLERS", "sampler", "AnyScheduler", "SOLVER_ORDER_SAMPLERS", "KARRAS_SAMPLERS", "BaseScheduler", "SchedulerOutput", "SchedulerConfig", "Generator", "draw_noise",
            "DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
            "EulerDiscreteScheduler", "HeunDiscreteScheduler", "DDPMSchedulerConfig", "DDIMSchedulerConfig",
            "DPMSolverMultistepSchedulerConfig", "UniPCMultistepSchedulerConfig", "EulerDiscreteSchedulerConfig",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from ddpm.errors import CLIError
+from ddpm.schedulers import SAMPLERS
 from ddpm.schedule import BETA_SCHEDULES, PREDICTION_TYPES, BetaSchedule, PredictionType
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -33,7 +34,7 @@ LRScheduleName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial
 LR_SCHEDULES: tuple[LRScheduleName, ...] = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                             "constant_with_warmup")
 Logger = Literal["tensorboard", "wandb"]
-InferenceScheduler = Literal["ddpm", "ddim"]
+InferenceScheduler = Literal["ddpm", "ddim", "dpm", "sde-dpm", "unipc", "euler", "heun"]  # ddpm.schedulers.SAMPLERS
 Profile = Literal["auto", "laptop", "train_unconditional"]
 PROFILES: tuple[Profile, ...] = ("auto", "laptop", "train_unconditional")
 
@@ -237,7 +238,7 @@ class TrainConfig:
             "prediction_type": PREDICTION_TYPES,
             "lr_scheduler": LR_SCHEDULES,
             "logger": ("tensorboard", "wandb"),
-            "ddpm_inference_scheduler": ("ddpm", "ddim"),
+            "ddpm_inference_scheduler": tuple(SAMPLERS),
             "ddpm_beta_schedule": BETA_SCHEDULES,
         }
         for name, allowed in choices.items():
@@ -351,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddpm_num_inference_steps", type=int, default=s["ddpm_num_inference_steps"],
                    help="denoising steps of the sample grids")
     g.add_argument("--ddpm_beta_schedule", default="linear", choices=BETA_SCHEDULES, help="noise schedule")
-    g.add_argument("--ddpm_inference_scheduler", default="ddpm", choices=["ddpm", "ddim"],
-                   help="ddpm: scheduler for the sample grids (ddim is faster)")
+    g.add_argument("--ddpm_inference_scheduler", default="ddpm", choices=list(SAMPLERS),
+                   help="sampler of the sample grids (ddpm adds dpm, sde-dpm, unipc, euler, heun: see docs/samplers.md)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=s["checkpointing_steps"],
                    help="a checkpoint every N optimiser steps (and at the end)")

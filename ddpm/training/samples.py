@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from ddpm.images import make_grid
 from ddpm.pipeline import Pipeline
-from ddpm.schedulers import DDIMScheduler, DDPMScheduler
+from ddpm.schedulers import DDPMScheduler, sampler
 from ddpm.training import outputs
 from ddpm.training.args import TrainConfig
 from ddpm.training.processes import say
@@ -59,8 +59,7 @@ class Scorer:
 def inference_pipeline(config: TrainConfig, unet: UNet, noise_scheduler: DDPMScheduler,
                         progress: dict[str, Any] | None = None) -> Pipeline:
     # The sampling pipeline of --ddpm_inference_scheduler, on the training schedule; per-step bar as given
-    scheduler_cls = DDIMScheduler if config.ddpm_inference_scheduler == "ddim" else DDPMScheduler
-    pipeline = Pipeline(unet=unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
+    pipeline = Pipeline(unet=unet, scheduler=sampler(config.ddpm_inference_scheduler, noise_scheduler.config))
     pipeline.set_progress_bar_config(**(progress or {"disable": True}))
     return pipeline
 
