@@ -25,12 +25,12 @@ C = TypeVar("C")
 
 class _SyncedAfterInit(type):
     """Metaclass of ``FrozenConfig``: once a config is fully built (its ``__post_init__`` checks and normalisation
-    done), copy its fields into the ``dict`` it also is, so C-level readers (``dict(c)``, ``**c``, ``json.dumps``,
+    done), copy what it shows into the ``dict`` it also is, so C-level readers (``dict(c)``, ``**c``, ``json.dumps``,
     diffusers' ``isinstance(config, dict)``) see the final values."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         config = super().__call__(*args, **kwargs)
-        dict.update(config, ((name, getattr(config, name)) for name in _field_names(cls)))
+        config._sync()
         return config
 
 
@@ -43,9 +43,23 @@ class FrozenConfig(dict, metaclass=_SyncedAfterInit):  # type: ignore[type-arg]
     ``TypeError``; build a new config instead (``X.from_config(config, key=...)``, ``dataclasses.replace``).
     """
 
+    def _metadata(self) -> dict[str, Any]:
+        """Entries shown after the fields, as diffusers keeps ``_class_name`` and the like in its ``FrozenDict``;
+        none here (the scheduler configs add theirs)."""
+        return {}
+
+    def _sync(self) -> None:
+        # the dict storage holds what the mapping shows: the fields, then the metadata
+        dict.clear(self)
+        dict.update(self, ((name, getattr(self, name)) for name in _field_names(type(self))))
+        dict.update(self, self._metadata())
+
     def __getitem__(self, key: str) -> Any:
         if isinstance(key, str) and key in _field_names(type(self)):
             return getattr(self, key)
+        meta = self._metadata()
+        if key in meta:
+            return meta[key]
         raise KeyError(f"{type(self).__name__} has no key {key!r}")
 
     def _refuse(self, what: str) -> TypeError:

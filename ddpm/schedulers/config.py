@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
@@ -42,7 +42,7 @@ FOREIGN_ALGORITHM_TYPES = ("deis",)
 
 
 @dataclass(frozen=True, eq=False)
-class SchedulerConfig(FrozenConfig, dict):  # type: ignore[misc]
+class SchedulerConfig(FrozenConfig):
     """What every scheduler's config has: the β schedule, the model's prediction type and the timestep spacing.
 
     Like diffusers' ``FrozenDict`` it is a read-only ``dict`` (diffusers' own ``from_config`` accepts only dicts, so
@@ -64,19 +64,8 @@ class SchedulerConfig(FrozenConfig, dict):  # type: ignore[misc]
 
     def __post_init__(self) -> None:
         _check_schedule(self)
-        self._mirror()
 
-    # ---- diffusers' FrozenDict view: fields, then metadata
-
-    def _mirror(self) -> None:
-        # fill the dict storage with what the mapping shows (C code such as json.dumps reads the storage)
-        dict.clear(self)
-        dict.update(self, {key: self[key] for key in self})
-
-    def _frozen(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError(f"{type(self).__name__} is frozen: build a new config, e.g. X.from_config(config, key=...)")
-
-    update = pop = popitem = clear = setdefault = __ior__ = _frozen  # type: ignore[assignment]
+    # ---- diffusers' FrozenDict view: fields, then metadata (FrozenConfig keeps the dict storage in step)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy/pickle: rebuild from the fields, then the metadata
         return (_rebuild, (type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
@@ -88,26 +77,11 @@ class SchedulerConfig(FrozenConfig, dict):  # type: ignore[misc]
         meta["_diffusers_version"] = DIFFUSERS_VERSION
         return meta
 
-    def __getitem__(self, key: str) -> Any:
-        if isinstance(key, str) and key in _field_names(type(self)):
-            return getattr(self, key)
-        meta = self._metadata()
-        if key in meta:
-            return meta[key]
-        raise KeyError(f"{type(self).__name__} has no key {key!r}")
-
     def __getattr__(self, name: str) -> Any:  # only reached for non-fields: the carried keys of other schedulers
         extra = self.__dict__.get("_extra", {})
         if name in extra:
             return extra[name]
         raise AttributeError(f"{type(self).__name__} has no key {name!r}")
-
-    def __iter__(self) -> Iterator[str]:
-        yield from _field_names(type(self))
-        yield from self._metadata()
-
-    def __len__(self) -> int:
-        return len(_field_names(type(self))) + len(self._metadata())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Mapping):
@@ -132,7 +106,7 @@ class SchedulerConfig(FrozenConfig, dict):  # type: ignore[misc]
 def _rebuild(cls: type[SchedulerConfig], fields: dict[str, Any], extra: dict[str, Any]) -> SchedulerConfig:
     config = cls(**fields)
     object.__setattr__(config, "_extra", extra)
-    config._mirror()
+    config._sync()
     return config
 
 
@@ -144,7 +118,7 @@ def with_metadata(config: SchedulerConfig, given: set[str], hidden: Mapping[str,
     if defaulted:
         extra["_use_default_values"] = defaulted
     object.__setattr__(config, "_extra", extra)
-    config._mirror()
+    config._sync()
     return config
 
 
