@@ -32,6 +32,18 @@ def ema_decay(step: int, max_decay: float = 0.9999, inv_gamma: float = 1.0, powe
     return max(0.0, min(max_decay, 1.0 - (1.0 + n / inv_gamma) ** -power))
 
 
+def ema_update_(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """``shadow <- shadow - (1 - decay) (shadow - param)`` in place, for every pair at once.
+
+    Rounded as diffusers' ``EMAModel.step`` rounds it (a difference, a product, a difference), so the shadow
+    weights are bitwise diffusers'. ``torch._foreach_lerp_`` is one pass instead of three but rounds
+    differently: about an ulp from diffusers after each step (measured in docs/architecture.md).
+    """
+    differences = torch._foreach_sub(shadow, params)
+    torch._foreach_mul_(differences, 1.0 - decay)
+    torch._foreach_sub_(shadow, differences)
+
+
 class EMA:
     """Shadow copy of ``model``'s parameters, keyed by parameter name.
 
@@ -65,8 +77,8 @@ class EMA:
         self.decay = ema_decay(self.optimization_step, self.max_decay, self.inv_gamma, self.power)
         pairs = self._pairs(model)
         trained = [(s, p.detach().float()) for s, p in pairs if p.requires_grad]
-        if trained:  # s + (1 - d) (p - s), one fused call over all tensors
-            torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - self.decay)
+        if trained:
+            ema_update_([s for s, _ in trained], [p for _, p in trained], self.decay)
         for s, p in pairs:
             if not p.requires_grad:
                 s.copy_(p.detach())  # frozen parameters are copied, as diffusers does
