@@ -10,9 +10,11 @@ Every image is decoded once before training starts: a file that does not decode 
 left out, so a corrupt image never stops an epoch half-way.
 
 Preprocessing is the script's: resize the shorter side to ``resolution`` (bilinear), center or random crop,
-optional horizontal flip, to a tensor, normalise to ``[-1, 1]``. The random crop and flip draw from a
-generator seeded by (seed, epoch, row) instead of the global RNG, so the data of a step does not depend on
-worker processes, prefetching or where a resumed run starts: resume is bit-exact.
+optional horizontal flip, to a tensor, normalise to ``[-1, 1]``, bit for bit as its torchvision transforms do it
+(without importing torchvision). The random crops and flips of an epoch come from a generator seeded by (seed,
+epoch), one draw per image row, instead of the global RNG, so the data of a step does not depend on worker
+processes, prefetching or where a resumed run starts: resume is bit-exact. Each image is decoded and resized
+once and kept in memory, so later epochs only crop, flip and scale it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
@@ -295,19 +298,30 @@ class Preprocess:
         return self.to_unit_range(self.crop_and_flip(self.resize(image), draws))
 
     def resize(self, image: Image.Image) -> torch.Tensor:
-        # Imported here: torchvision takes as long to import as torch, and bad flags should fail fast.
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
-
+        # torchvision's Resize(resolution, BILINEAR) without torchvision, whose import costs as much time as
+        # torch's and ~180 MB: the same PIL call on PIL images, the same F.interpolate call on tensors
+        # (tests/test_data.py checks both bit for bit against torchvision).
         if self.preserve_input_precision:
             x = self._full_precision(image)  # [C, H, W] float in [0, 1]
-            return TF.resize(x, [self.resolution], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            size = self._output_size(x.shape[-2], x.shape[-1])
+            if size == tuple(x.shape[-2:]):
+                return x
+            return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         if image.mode in DEEP_MODES:  # PIL's convert() would clip them to 255: mostly a constant image
             image = Image.fromarray(np.round(deep_to_unit(image) * 255).astype(np.uint8))
         image = image.convert("RGB" if self.channels == 3 else "L")
-        image = TF.resize(image, [self.resolution], interpolation=InterpolationMode.BILINEAR)
+        height, width = self._output_size(image.height, image.width)
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.array(image))  # [H, W] or [H, W, C] uint8
         return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
+
+    def _output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The shorter side becomes ``resolution``, the longer keeps the aspect ratio, rounded down."""
+        r = self.resolution
+        if width <= height:
+            return int(r * height / width), r
+        return r, int(r * width / height)
 
     def crop_and_flip(self, x: torch.Tensor, draws: Sequence[float]) -> torch.Tensor:
         r = self.resolution

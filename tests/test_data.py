@@ -235,3 +235,18 @@ def test_one_warning_counts_the_images_whose_channels_the_model_lacks(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="ddpm.data"):
         assert data.readable_rows(data.EmbeddedImages(), channels=1) == list(range(5000))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("size", [(30, 44), (44, 30), (17, 17), (9, 100), (16, 16)])
+def test_resize_is_torchvisions_bit_for_bit_on_images_and_tensors(size):
+    from torchvision.transforms import functional as TF
+
+    rng = np.random.default_rng(4)
+    image = Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8))
+    pre = data.Preprocess(16)
+    expected = TF.pil_to_tensor(TF.resize(image, [16], interpolation=transforms.InterpolationMode.BILINEAR))
+    assert torch.equal(pre.resize(image), expected)
+    precise = data.Preprocess(16, preserve_input_precision=True)
+    unit = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    expected = TF.resize(unit, [16], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(precise.resize(image), expected)
