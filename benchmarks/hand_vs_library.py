@@ -168,7 +168,7 @@ def preprocess_case(resolution: int, size: tuple[int, int], count: int, repeats:
     cached = [ours.resize(im) for im in images]  # what TrainDataset keeps after the first epoch
 
     def cached_batch() -> torch.Tensor:
-        return ours.to_unit_range(torch.stack([ours.crop_and_flip(x, (0.0, 0.0, 1.0)) for x in cached]))
+        return torch.stack([ours.to_unit_range(ours.crop_and_flip(x, (0.0, 0.0, 1.0))) for x in cached])
 
     expected = torch.stack([script(im) for im in images])
     outputs = {"ddpm": torch.stack([ours(im, unused) for im in images]), "ddpm cached batch": cached_batch(),

@@ -4,6 +4,7 @@
     python benchmarks/train_e2e.py --repeats 3      # run each job 3 times (A B B A A B): medians
     python benchmarks/train_e2e.py --train_data_dir my_images --resolution 64 --num_epochs 2
     python benchmarks/train_e2e.py --quick          # 32 tiny images, a tiny UNet, 8 steps: the smoke test
+    python benchmarks/train_e2e.py --data_only      # only the two DataLoaders, batch by batch in one process
 
 The script is not vendored: it is read at run time from the diffusers git mirror (``--diffusers_repo``, by default
 /work/.mirror/huggingface+diffusers/repo, ``git show HEAD:examples/...``), from a file (``--script``), or else
@@ -168,6 +169,50 @@ def run_job(name: str, target: str, flags: list[str], workdir: Path, run: int) -
             "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]) if losses else math.nan}
 
 
+def data_only(args: argparse.Namespace, images: Path, workdir: Path) -> dict[str, Any]:
+    """The two DataLoaders alone, in one process, one batch of each in turn: ms per batch, epoch by epoch.
+
+    ddpm's is built as ``ddpm.train`` builds it; the script's as train_unconditional.py does without
+    --center_crop and --random_flip (imagefolder, ``set_transform`` with its torchvision transforms, shuffle).
+    """
+    import datasets
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from ddpm import data
+
+    batch, r = args.train_batch_size, args.resolution
+    source = data.open_image_folder(str(images), str(workdir / "cache-ddpm"))
+    dataset = data.TrainDataset(source, data.readable_rows(source), data.Preprocess(r, channels=3), seed=0)
+    sampler = data.EpochSampler(len(dataset), seed=0)
+    ours = DataLoader(dataset, batch_size=batch, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    folder = datasets.load_dataset("imagefolder", data_dir=str(images), cache_dir=str(workdir / "cache-diffusers"),
+                                   split="train")
+    augment = transforms.Compose([transforms.Resize(r, interpolation=transforms.InterpolationMode.BILINEAR),
+                                  transforms.RandomCrop(r), transforms.Lambda(lambda x: x), transforms.ToTensor(),
+                                  transforms.Normalize([0.5], [0.5])])
+    folder.set_transform(lambda batch: {"input": [augment(image.convert("RGB")) for image in batch["image"]]})
+    theirs = DataLoader(folder, batch_size=batch, shuffle=True)
+    epochs = []
+    for epoch in range(args.num_epochs):
+        sampler.set_epoch(epoch)
+        loaders = {"ddpm": iter(ours), "diffusers": iter(theirs)}
+        times: dict[str, list[float]] = {"ddpm": [], "diffusers": []}
+        for i in range(len(ours)):
+            for name in (("ddpm", "diffusers") if i % 2 == 0 else ("diffusers", "ddpm")):
+                start = time.perf_counter()
+                next(loaders[name])
+                times[name].append(time.perf_counter() - start)
+        epochs.append({"ddpm_ms": 1e3 * statistics.fmean(times["ddpm"]),
+                       "diffusers_ms": 1e3 * statistics.fmean(times["diffusers"]),
+                       "paired_ratio": statistics.median(b / a for a, b in zip(times["ddpm"], times["diffusers"]))})
+    print("\n| epoch | ddpm (ms/batch) | diffusers (ms/batch) | diffusers / ddpm (paired median) |\n|---|---|---|---|")
+    for epoch, e in enumerate(epochs):
+        print(f"| {epoch} | {e['ddpm_ms']:.2f} | {e['diffusers_ms']:.2f} | {e['paired_ratio']:.2f} |")
+    return {"data_only": epochs, "load_average": os.getloadavg()}
+
+
 ROWS = [("wall time (s)", "wall_s", "{:.1f}"), ("optimiser steps", "steps", "{:d}"),
         ("steps/s, whole job", "steps_per_s", "{:.2f}"), ("steps/s, training loop", "loop_steps_per_s", "{:.2f}"),
         ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"), ("data loading (ms/batch)", "data_ms_per_batch", "{:.2f}"),
@@ -206,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--diffusers_repo", default=str(DIFFUSERS_MIRROR), help="git mirror of diffusers")
     parser.add_argument("--json", help="also write every run's figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (outputs, logs)")
+    parser.add_argument("--data_only", action="store_true",
+                        help="time the two DataLoaders alone, interleaved in this process, for --num_epochs")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_images, args.resolution, args.train_batch_size, args.num_epochs = 32, 8, 8, 2
@@ -213,11 +260,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     workdir = Path(tempfile.mkdtemp(prefix="ddpm-e2e-"))
     try:
-        script = fetch_script(args, workdir)
-        (workdir / "probe.py").write_text(PROBE)
         images = Path(args.train_data_dir).resolve() if args.train_data_dir else workdir / "images"
         if not args.train_data_dir:
             write_images(images, args.num_images, 8 if args.quick else None)
+        if args.data_only:
+            return data_only(args, images, workdir)
+        script = fetch_script(args, workdir)
+        (workdir / "probe.py").write_text(PROBE)
         config = workdir / "unet" / "config.json"
         config.parent.mkdir()
         write_config(config, args.quick, args.resolution)

@@ -369,7 +369,7 @@ class TrainDataset(Dataset):
     """Readable rows of a source, preprocessed. Indexed by ``(position, epoch)`` as ``EpochSampler`` yields.
 
     An item is ``{"input": [C x R x R] float tensor in [-1, 1], "index": source row}``. The DataLoader fetches a
-    batch at once (``__getitems__``), scaling it to ``[-1, 1]`` in one call.
+    batch at once (``__getitems__``): the rows not cached are read from the source in one query.
 
     The random crop and flip of a row come from row ``row`` of a table of uniforms drawn once per epoch from
     ``mix_seed(seed, epoch, AUGMENTATIONS)``: a fixed function of (seed, epoch, row), whatever the worker, the
@@ -401,8 +401,9 @@ class TrainDataset(Dataset):
         openers = dict(zip(missing, self.source.openers(missing)))
         crops = [self.preprocess.crop_and_flip(self._resized(row, openers), self._row_draws(epoch, row))
                  for row, (_, epoch) in zip(rows, keys)]
-        batch = self.preprocess.to_unit_range(torch.stack(crops))  # [B, C, R, R] in [-1, 1]
-        return [{"input": x, "index": row} for x, row in zip(batch, rows)]
+        # Scaled one image at a time: tensors this small stay on one thread (a batch-sized op would use OpenMP
+        # threads, which stall when other processes hold the cores).
+        return [{"input": self.preprocess.to_unit_range(x), "index": row} for x, row in zip(crops, rows)]
 
     def __getstate__(self) -> dict[str, Any]:  # a worker started by pickling (spawn) gets an empty cache
         return {**self.__dict__, "_cache": {}, "_cached_bytes": 0}

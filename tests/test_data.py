@@ -250,3 +250,18 @@ def test_resize_is_torchvisions_bit_for_bit_on_images_and_tensors(size):
     unit = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     expected = TF.resize(unit, [16], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
     assert torch.equal(precise.resize(image), expected)
+
+
+def test_worker_processes_change_no_batch(tmp_path):
+    _, source = _folder(tmp_path, _random_rgb(np.random.default_rng(5), 10, (10, 13)))
+    dataset = data.TrainDataset(source, range(10), data.Preprocess(8, random_flip=True), seed=3)
+    batches = {}
+    for workers in (0, 2):
+        sampler = data.EpochSampler(len(dataset), seed=3)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers)
+        batches[workers] = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            batches[workers] += [b["input"] for b in loader]
+    assert len(batches[0]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
