@@ -68,15 +68,17 @@ def paired_ratio(other: list[float], ours: list[float]) -> float:
 # ---- EMA -------------------------------------------------------------------------------------------------------
 
 
-class LerpEMA(EMA):
-    """ddpm's EMA with the one-pass ``torch._foreach_lerp_`` update it used before (not bitwise diffusers')."""
+class DiffusersRoundingEMA(EMA):
+    """ddpm's EMA with diffusers' rounding, ``s - (1 - d) * (s - p)`` in three passes: bitwise diffusers'."""
 
     @torch.no_grad()
     def step(self, model: nn.Module) -> float:
         self.optimization_step += 1
         self.decay = ema_decay(self.optimization_step, self.max_decay, self.inv_gamma, self.power)
-        pairs = self._pairs(model)
-        torch._foreach_lerp_([s for s, _ in pairs], [p.detach() for _, p in pairs], 1.0 - self.decay)
+        shadow, params = zip(*((s, p.detach()) for s, p in self._pairs(model)))
+        differences = torch._foreach_sub(list(shadow), list(params))
+        torch._foreach_mul_(differences, 1.0 - self.decay)
+        torch._foreach_sub_(list(shadow), differences)
         return self.decay
 
 
@@ -99,12 +101,15 @@ class SwaEMA:
         return [p.detach() for p in self.averaged.module.parameters()]
 
 
+ROUNDED = "ddpm with diffusers' rounding"
+
+
 def ema_case(model: nn.Module, steps: int, repeats: int) -> dict[str, Any]:
     from diffusers.training_utils import EMAModel
 
     params = list(model.parameters())
     ours = EMA(model)
-    lerp = LerpEMA(model)
+    exact = DiffusersRoundingEMA(model)
     swa = SwaEMA(model)
     reference = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     generator = torch.Generator().manual_seed(0)
@@ -115,28 +120,30 @@ def ema_case(model: nn.Module, steps: int, repeats: int) -> dict[str, Any]:
             torch._foreach_add_(params, noise)
             torch._foreach_mul_(params, 0.999)
 
-    exact = {"ddpm": True, "swa_utils": True, "ddpm with lerp": True}
-    worst = {"ddpm": 0.0, "swa_utils": 0.0, "ddpm with lerp": 0.0}
+    same = {"ddpm": True, "swa_utils": True, ROUNDED: True}
+    worst = {"ddpm": 0.0, "swa_utils": 0.0, ROUNDED: 0.0}
+    swa_is_ddpm = True
     for _ in range(steps):
         perturb()
         ours.step(model)
-        lerp.step(model)
+        exact.step(model)
         swa.step(model)
         reference.step(model.parameters())
+        swa_is_ddpm &= all(torch.equal(a, b) for a, b in zip(ours.shadow.values(), swa.shadow()))
         for name, shadow in (("ddpm", list(ours.shadow.values())), ("swa_utils", swa.shadow()),
-                             ("ddpm with lerp", list(lerp.shadow.values()))):
+                             (ROUNDED, list(exact.shadow.values()))):
             for a, b in zip(shadow, reference.shadow_params):
-                exact[name] &= torch.equal(a, b)
+                same[name] &= torch.equal(a, b)
                 worst[name] = max(worst[name], float((a - b).abs().max()))
     # Timing: the shadows keep moving, as in training (the decay is near its cap by now for all three).
     times = interleaved({"ddpm": lambda: ours.step(model), "swa_utils": lambda: swa.step(model),
                          "diffusers": lambda: reference.step(model.parameters()),
-                         "ddpm with lerp": lambda: lerp.step(model)}, repeats)
+                         ROUNDED: lambda: exact.step(model)}, repeats)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     swa_bytes = sum(t.numel() * t.element_size() for t in [*swa.averaged.parameters(), *swa.averaged.buffers()])
     return {
         "parameters": sum(p.numel() for p in params), "tensors": len(params), "steps checked": steps,
-        "bitwise equal to diffusers": exact, "max |difference| from diffusers": worst,
+        "bitwise equal to diffusers": same, "swa_utils bitwise equal to ddpm": swa_is_ddpm, "max |difference| from diffusers": worst,
         "ms per update": {k: median_ms(v) for k, v in times.items()},
         "time ratio (other / ddpm)": {k: paired_ratio(times[k], times["ddpm"]) for k in times if k != "ddpm"},
         "extra memory (MB)": {"ddpm": sum(t.numel() * t.element_size() for t in ours.shadow.values()) / 2**20,
@@ -191,7 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, few repeats: seconds")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
         models = {"tiny": UNet(**TINY_UNET)}
