@@ -143,7 +143,8 @@ def ema_case(model: nn.Module, steps: int, repeats: int) -> dict[str, Any]:
     swa_bytes = sum(t.numel() * t.element_size() for t in [*swa.averaged.parameters(), *swa.averaged.buffers()])
     return {
         "parameters": sum(p.numel() for p in params), "tensors": len(params), "steps checked": steps,
-        "bitwise equal to diffusers": same, "swa_utils bitwise equal to ddpm": swa_is_ddpm, "max |difference| from diffusers": worst,
+        "bitwise equal to diffusers": same, "swa_utils bitwise equal to ddpm": swa_is_ddpm,
+        "max |difference| from diffusers": worst,
         "ms per update": {k: median_ms(v) for k, v in times.items()},
         "time ratio (other / ddpm)": {k: paired_ratio(times[k], times["ddpm"]) for k in times if k != "ddpm"},
         "extra memory (MB)": {"ddpm": sum(t.numel() * t.element_size() for t in ours.shadow.values()) / 2**20,
@@ -163,7 +164,8 @@ def preprocess_case(resolution: int, size: tuple[int, int], count: int, repeats:
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)) for _ in range(count)]
     bilinear = transforms.InterpolationMode.BILINEAR
-    script = transforms.Compose([transforms.Resize(resolution, interpolation=bilinear), transforms.CenterCrop(resolution),
+    script = transforms.Compose([transforms.Resize(resolution, interpolation=bilinear),
+                                 transforms.CenterCrop(resolution),
                                  transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
     v2_pil = v2.Compose([v2.Resize(resolution, interpolation=bilinear), v2.CenterCrop(resolution), v2.PILToTensor(),
                          v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5], [0.5])])
@@ -182,7 +184,8 @@ def preprocess_case(resolution: int, size: tuple[int, int], count: int, repeats:
                "v2 on PIL": torch.stack([v2_pil(im) for im in images]),
                "v2 on uint8 tensor": torch.stack([v2_tensor(t) for t in tensors])}
     fns = {"ddpm": lambda: [ours(im, unused) for im in images], "ddpm cached batch": cached_batch,
-           "v2 on PIL": lambda: [v2_pil(im) for im in images], "v2 on uint8 tensor": lambda: [v2_tensor(t) for t in tensors],
+           "v2 on PIL": lambda: [v2_pil(im) for im in images],
+           "v2 on uint8 tensor": lambda: [v2_tensor(t) for t in tensors],
            "script (v1 Compose)": lambda: [script(im) for im in images]}
     times = interleaved(fns, repeats)
     return {

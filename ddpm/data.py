@@ -425,12 +425,14 @@ class TrainDataset(Dataset):
             image = openers[row]()
             image.load()
         except Exception as e:
-            raise DataError(f"image {self.source.name(row)} can no longer be read ({type(e).__name__}: {first_line(e)})") from None
+            raise DataError(f"image {self.source.name(row)} can no longer be read "
+                            f"({type(e).__name__}: {first_line(e)})") from None
         try:
             with image:
                 x = self.preprocess.resize(image)
         except Exception as e:
-            raise DataError(f"image {self.source.name(row)} could not be preprocessed ({type(e).__name__}: {first_line(e)})") from None
+            raise DataError(f"image {self.source.name(row)} could not be preprocessed "
+                            f"({type(e).__name__}: {first_line(e)})") from None
         worker = get_worker_info()
         size = x.numel() * x.element_size()
         if self._cached_bytes + size <= self.cache_bytes // (worker.num_workers if worker else 1):
