@@ -52,17 +52,15 @@ import atexit, json, os, runpy, sys, time
 import torch.utils.data.dataloader as dataloader
 import accelerate
 
-record = {"data_s": 0.0, "batches": 0, "losses": [], "log_times": []}
+record = {"data_times": [], "losses": [], "log_times": []}
 next_batch = dataloader._BaseDataLoaderIter.__next__
 
 def timed_next(self):
     t = time.perf_counter()
     try:
-        batch = next_batch(self)
+        return next_batch(self)
     finally:
-        record["data_s"] += time.perf_counter() - t
-    record["batches"] += 1
-    return batch
+        record["data_times"].append(time.perf_counter() - t)  # the last call of an epoch raises StopIteration
 
 dataloader._BaseDataLoaderIter.__next__ = timed_next
 log = accelerate.Accelerator.log
@@ -155,18 +153,23 @@ def run_job(name: str, target: str, flags: list[str], workdir: Path, run: int) -
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     command = [sys.executable, str(workdir / "probe.py"), target, *flags, f"--output_dir={out}",
                f"--cache_dir={workdir / f'cache-{name}-{run}'}"]
-    start = time.perf_counter()
+    start = time.perf_counter()  # CLOCK_MONOTONIC on Linux: comparable with the probe's log times
     result = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
     if result.returncode != 0 or not record.exists():
         raise SystemExit(f"train_e2e: the {name} job failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     data = json.loads(record.read_text())
     losses = data["losses"]
     times = data["log_times"]
-    return {"wall_s": wall, "steps": len(losses), "steps_per_s": len(losses) / wall,
+    return {"wall_s": wall, "startup_s": times[0] - start if times else math.nan,
+            "teardown_s": end - times[-1] if times else math.nan, "steps": len(losses),
+            "steps_per_s": len(losses) / wall,
             "loop_steps_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else math.nan,
-            "peak_rss_mb": data["peak_rss_mb"], "data_ms_per_batch": 1e3 * data["data_s"] / max(data["batches"], 1),
-            "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]) if losses else math.nan}
+            "peak_rss_mb": data["peak_rss_mb"], "data_ms_per_batch": 1e3 * sum(data["data_times"]) / len(losses),
+            "data_ms_median": 1e3 * statistics.median(data["data_times"]),
+            "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]) if losses else math.nan,
+            "data_ms": [round(1e3 * t, 3) for t in data["data_times"]], "losses": losses}
 
 
 def data_only(args: argparse.Namespace, images: Path, workdir: Path) -> dict[str, Any]:
@@ -213,9 +216,11 @@ def data_only(args: argparse.Namespace, images: Path, workdir: Path) -> dict[str
     return {"data_only": epochs, "load_average": os.getloadavg()}
 
 
-ROWS = [("wall time (s)", "wall_s", "{:.1f}"), ("optimiser steps", "steps", "{:d}"),
+ROWS = [("wall time (s)", "wall_s", "{:.1f}"), ("launch to first step (s)", "startup_s", "{:.1f}"),
+        ("last step to exit (s)", "teardown_s", "{:.1f}"), ("optimiser steps", "steps", "{:d}"),
         ("steps/s, whole job", "steps_per_s", "{:.2f}"), ("steps/s, training loop", "loop_steps_per_s", "{:.2f}"),
-        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"), ("data loading (ms/batch)", "data_ms_per_batch", "{:.2f}"),
+        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"), ("data loading, mean (ms/batch)", "data_ms_per_batch", "{:.2f}"),
+        ("data loading, median (ms/batch)", "data_ms_median", "{:.2f}"),
         (f"final loss (mean of last {LOSS_WINDOW})", "final_loss", "{:.4f}")]
 
 
