@@ -19,9 +19,12 @@ def test_quick_run_reports_both_jobs(tmp_path, capsys):
     for side in ("ddpm", "diffusers"):
         (run,) = report["runs"][side]
         assert run["steps"] == 8  # 32 images, batch 8, 2 epochs: both trainers took every step
-        for key in ("wall_s", "steps_per_s", "loop_steps_per_s", "data_ms_per_batch"):
+        for key in ("wall_s", "startup_s", "teardown_s", "steps_per_s", "loop_steps_per_s", "data_ms_per_batch",
+                    "data_ms_median"):
             assert math.isfinite(run[key]) and run[key] > 0, (side, key)
+        assert run["startup_s"] + run["teardown_s"] < run["wall_s"]
         assert run["steps_per_s"] < run["loop_steps_per_s"]  # the job includes start-up and saving
+        assert len(run["losses"]) == 8 and len(run["data_ms"]) >= 8
         assert run["peak_rss_mb"] > 100  # torch alone is more
         assert math.isfinite(run["final_loss"]) and 0 < run["final_loss"] < 10
     assert json.loads((tmp_path / "e2e.json").read_text())["runs"] == report["runs"]
