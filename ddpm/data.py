@@ -10,9 +10,11 @@ Every image is decoded once before training starts: a file that does not decode 
 left out, so a corrupt image never stops an epoch half-way.
 
 Preprocessing is the script's: resize the shorter side to ``resolution`` (bilinear), center or random crop,
-optional horizontal flip, to a tensor, normalise to ``[-1, 1]``. The random crop and flip draw from a
-generator seeded by (seed, epoch, row) instead of the global RNG, so the data of a step does not depend on
-worker processes, prefetching or where a resumed run starts: resume is bit-exact.
+optional horizontal flip, to a tensor, normalise to ``[-1, 1]``, bit for bit as its torchvision transforms do it
+(without importing torchvision). The random crops and flips of an epoch come from a generator seeded by (seed,
+epoch), one draw per image row, instead of the global RNG, so the data of a step does not depend on worker
+processes, prefetching or where a resumed run starts: resume is bit-exact. Each image is decoded and resized
+once and kept in memory, so later epochs only crop, flip and scale it.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ import gzip
 import io
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from ddpm.checkpoint import is_repo_id
 from ddpm.errors import first_line
@@ -41,6 +45,17 @@ logger = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """Bad training data (missing folder, no images, unreachable dataset), reported as one line."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's error reaches the main process as DataError("Caught DataError in DataLoader worker
+        # process 0.\nOriginal Traceback ...\nddpm.data.DataError: <message>"): put <message>, which names the
+        # file, back on the first line, the one a one-line error shows.
+        head, _, rest = message.partition("\n")
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if head.startswith("Caught ") and marker in rest:
+            where = head.removeprefix(f"Caught {type(self).__name__} ").rstrip(".")
+            message = f"{rest.rsplit(marker, 1)[1].strip()} ({where})"
+        super().__init__(message)
 
 
 # ---- sources: a list of rows that each decode to one PIL image -------------------------------------------
@@ -59,6 +74,10 @@ class ImageSource:
 
     def name(self, i: int) -> str:
         return f"row {i} of {self.description}"
+
+    def openers(self, rows: Sequence[int]) -> list[Callable[[], Image.Image]]:
+        """``open`` for each row, deferred. A source that reads many rows faster at once overrides it."""
+        return [partial(self.open, i) for i in rows]
 
 
 class EmbeddedImages(ImageSource):
@@ -86,16 +105,23 @@ class HFImages(ImageSource):
         self.rows = dataset.cast_column(column, datasets.Image(decode=False))
         self.column = column
         self.description = description
+        self._cells = self.rows.select_columns([column])  # reads skip the other columns
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _cell(self, i: int) -> dict[str, Any]:
-        cell: dict[str, Any] = self.rows[int(i)][self.column]
+        cell: dict[str, Any] = self._cells[int(i)][self.column]
         return cell
 
     def open(self, i: int) -> Image.Image:
-        cell = self._cell(i)
+        return self._open_cell(i, self._cell(i))
+
+    def openers(self, rows: Sequence[int]) -> list[Callable[[], Image.Image]]:
+        cells = self._cells[[int(i) for i in rows]][self.column]  # one query for all rows: 4x faster per row
+        return [partial(self._open_cell, i, cell) for i, cell in zip(rows, cells)]
+
+    def _open_cell(self, i: int, cell: dict[str, Any]) -> Image.Image:
         if cell.get("bytes") is not None:
             return Image.open(io.BytesIO(cell["bytes"]))
         if cell.get("path") is None:
@@ -185,34 +211,77 @@ def open_source(dataset_name: str | None, dataset_config_name: str | None, train
     return EmbeddedImages()
 
 
-def readable_rows(source: ImageSource, progress: bool = False) -> list[int]:
-    """Rows whose image decodes. Each bad one is named in a warning; none readable is a ``DataError``."""
-    if isinstance(source, EmbeddedImages):
-        return list(range(len(source)))
+def readable_rows(source: ImageSource, progress: bool = False, *, channels: int | None = None,
+                  preserve_input_precision: bool | None = None) -> list[int]:
+    """Rows whose image decodes. Each bad one is named in a warning; none readable is a ``DataError``.
+
+    Given the model's ``channels``, one warning counts the images that will be converted to that many channels
+    (colour to grayscale or the other way). Given ``preserve_input_precision=False``, one warning counts the
+    16-bit and float images (naming one), which are then rounded to 8 bits.
+    """
     from tqdm.auto import tqdm
 
-    good: list[int] = []
-    bad: list[str] = []
-    for i in tqdm(range(len(source)), desc="checking images", disable=not progress or len(source) < 1000):
-        try:
-            with source.open(i) as image:
-                image.load()
-            good.append(i)
-        except Exception as e:  # UnidentifiedImageError, truncated files, missing files: all mean skip it
-            bad.append(source.name(i))
-            logger.warning("warning: skipping unreadable image %s (%s)", source.name(i), type(e).__name__)
-    if not good:
-        raise DataError(f"{source.description} holds no readable images ({len(bad)} files failed to decode, "
-                        f"e.g. {bad[0]})" if bad else f"{source.description} holds no images")
+    if isinstance(source, EmbeddedImages):  # known: all decode, all 8-bit grayscale
+        good, modes = list(range(len(source))), {"L": [0] * len(source)}
+    else:
+        good, bad, modes = [], [], {}
+        n = len(source)
+        with tqdm(total=n, desc="checking images", disable=not progress or n < 1000) as bar:
+            for start in range(0, n, 256):
+                chunk = range(start, min(start + 256, n))
+                for i, opener in zip(chunk, source.openers(chunk)):
+                    try:
+                        with opener() as image:
+                            image.load()
+                            modes.setdefault(image.mode, []).append(i)
+                        good.append(i)
+                    except Exception as e:  # UnidentifiedImageError, truncated or missing files: all mean skip it
+                        bad.append(source.name(i))
+                        logger.warning("warning: skipping unreadable image %s (%s)", source.name(i), type(e).__name__)
+                    bar.update(1)
+        if not good:
+            raise DataError(f"{source.description} holds no readable images ({len(bad)} files failed to decode, "
+                            f"e.g. {bad[0]})" if bad else f"{source.description} holds no images")
+    gray = sum(len(rows) for mode, rows in modes.items() if mode in GRAY_MODES)
+    if channels == 1 and gray < len(good):
+        logger.warning("warning: %d of %d images are in colour and the model takes 1 channel (in_channels=1): they "
+                       "are converted to grayscale", len(good) - gray, len(good))
+    elif channels == 3 and gray:
+        logger.warning("warning: %d of %d images are grayscale and the model takes 3 channels (in_channels=3): "
+                       "their gray is copied to R, G and B", gray, len(good))
+    deep = [row for mode, rows in modes.items() if mode in DEEP_MODES for row in rows]
+    if preserve_input_precision is False and deep:
+        logger.warning("warning: %d of %d images are 16-bit or float (e.g. %s): they are rounded to 8 bits; "
+                       "--preserve_input_precision keeps all their bits", len(deep), len(good),
+                       source.name(min(deep)))
     return good
 
 
 # ---- preprocessing --------------------------------------------------------------------------------------
 
+# PIL modes with more than 8 bits per pixel: 16-bit integers (I;16..., and I, as PIL opens some 16-bit files),
+# read as [0, 65535], and 32-bit floats (F), read as [0, 1] (the range torchvision's ConvertImageDtype assumes).
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+GRAY_MODES = ("1", "L", "LA", "La", *DEEP_MODES)  # every other mode is read as colour
+
+
+def deep_to_unit(image: Image.Image) -> np.ndarray:
+    """A 16-bit or float image as float32 ``[H, W]`` in ``[0, 1]``."""
+    x = np.asarray(image, dtype=np.float32)
+    return np.clip(x if image.mode == "F" else x / 65535.0, 0.0, 1.0)
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize, crop, flip and normalise one image to a ``[C x resolution x resolution]`` tensor in ``[-1, 1]``."""
+    """Resize, crop, flip and normalise one image to a ``[C x resolution x resolution]`` tensor in ``[-1, 1]``.
+
+    The script's transforms, in three steps so that the first, deterministic one can be cached:
+    ``resize(image)`` converts the mode and resizes the shorter side to ``resolution`` (bilinear), giving
+    ``[C x H x W]`` uint8 (float in ``[0, 1]`` with ``preserve_input_precision``); ``crop_and_flip(x, draws)``
+    takes the center or a random ``resolution`` square and maybe mirrors it, from three uniforms in ``[0, 1)``
+    (top, left, flip); ``to_unit_range(x)`` scales one image or a batch to ``[-1, 1]``, as ``ToTensor`` then
+    ``Normalize([0.5], [0.5])`` do, bit for bit.
+    """
 
     resolution: int
     center_crop: bool = False
@@ -220,42 +289,63 @@ class Preprocess:
     channels: int = 3  # 3: RGB, 1: grayscale
     preserve_input_precision: bool = False
 
+    @property
+    def is_random(self) -> bool:
+        return not self.center_crop or self.random_flip
+
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        # Imported here: torchvision takes as long to import as torch, and bad flags should fail fast.
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
+        """One image; the random crop and flip draw from ``generator``."""
+        draws = torch.rand(3, generator=generator).tolist()
+        return self.to_unit_range(self.crop_and_flip(self.resize(image), draws))
 
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        # torchvision's Resize(resolution, BILINEAR) without torchvision, whose import costs as much time as
+        # torch's and ~180 MB: the same PIL call on PIL images, the same F.interpolate call on tensors
+        # (tests/test_data.py checks both bit for bit against torchvision).
         if self.preserve_input_precision:
-            x = self._to_tensor_full_precision(image)  # [C, H, W] in [0, 1]
-            x = TF.resize(x, [self.resolution], interpolation=InterpolationMode.BILINEAR, antialias=True)
-            x = self._crop_and_flip(x, generator)
-        else:
-            image = image.convert("RGB" if self.channels == 3 else "L")
-            image = TF.resize(image, [self.resolution], interpolation=InterpolationMode.BILINEAR)
-            x = TF.to_tensor(self._crop_and_flip(image, generator))  # [C, H, W] in [0, 1]
-        return TF.normalize(x, [0.5], [0.5])  # -> [-1, 1]
+            x = self._full_precision(image)  # [C, H, W] float in [0, 1]
+            size = self._output_size(x.shape[-2], x.shape[-1])
+            if size == tuple(x.shape[-2:]):
+                return x
+            return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        if image.mode in DEEP_MODES:  # PIL's convert() would clip them to 255: mostly a constant image
+            image = Image.fromarray(np.round(deep_to_unit(image) * 255).astype(np.uint8))
+        image = image.convert("RGB" if self.channels == 3 else "L")
+        height, width = self._output_size(image.height, image.width)
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.array(image))  # [H, W] or [H, W, C] uint8
+        return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
 
-    def _crop_and_flip(self, image: Any, generator: torch.Generator) -> Any:
-        from torchvision.transforms import functional as TF
-
+    def _output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The shorter side becomes ``resolution``, the longer keeps the aspect ratio, rounded down."""
         r = self.resolution
-        if self.center_crop:
-            image = TF.center_crop(image, [r, r])
-        else:  # torchvision's RandomCrop, with our generator
-            width, height = TF.get_image_size(image)
-            top = int(torch.randint(0, height - r + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - r + 1, (1,), generator=generator))
-            image = TF.crop(image, top, left, r, r)
-        if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
-            image = TF.hflip(image)
-        return image
+        if width <= height:
+            return int(r * height / width), r
+        return r, int(r * width / height)
 
-    def _to_tensor_full_precision(self, image: Image.Image) -> torch.Tensor:
+    def crop_and_flip(self, x: torch.Tensor, draws: Sequence[float]) -> torch.Tensor:
+        r = self.resolution
+        height, width = x.shape[-2:]
+        if self.center_crop:  # torchvision's CenterCrop offsets
+            top, left = int(round((height - r) / 2.0)), int(round((width - r) / 2.0))
+        else:  # RandomCrop: every offset equally likely
+            top, left = int(draws[0] * (height - r + 1)), int(draws[1] * (width - r + 1))
+        x = x[..., top:top + r, left:left + r]
+        if self.random_flip and draws[2] < 0.5:
+            x = x.flip(-1)
+        return x
+
+    @staticmethod
+    def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div(255)  # ToTensor
+        return x.sub(0.5).div(0.5)  # Normalize([0.5], [0.5]): [0, 1] -> [-1, 1]
+
+    def _full_precision(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> float ``[C, H, W]`` in ``[0, 1]`` at its own bit depth (16-bit stays 16-bit)."""
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 65535.0)[None]
-        elif image.mode == "F":
-            x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None]
+        if image.mode in DEEP_MODES:
+            x = torch.from_numpy(deep_to_unit(image))[None]
         else:
             x = torch.from_numpy(np.asarray(image.convert("RGBA" if "A" in image.mode else "RGB"),
                                             dtype=np.float32) / 255.0).permute(2, 0, 1)[:3]
@@ -263,40 +353,93 @@ class Preprocess:
             x = x.expand(3, -1, -1)
         elif self.channels == 1 and x.shape[0] == 3:
             x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]  # ITU-R 601 luma, as PIL's "L"
-        return x.clamp(0, 1).contiguous()
+        return x.contiguous()
 
 
 def mix_seed(*numbers: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers, e.g. (seed, epoch, row) for one augmentation."""
+    """A well-mixed 63-bit seed from non-negative integers, e.g. (seed, epoch) for one epoch's shuffle."""
     state = np.random.SeedSequence(list(numbers)).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+CACHE_BYTES = 2**30  # resized images a TrainDataset keeps in memory, shared out among its DataLoader workers
+AUGMENTATIONS = 1  # mix_seed(seed, epoch, AUGMENTATIONS) seeds an epoch's crops and flips; (seed, epoch) its order
 
 
 class TrainDataset(Dataset):
     """Readable rows of a source, preprocessed. Indexed by ``(position, epoch)`` as ``EpochSampler`` yields.
 
-    An item is ``{"input": [C x R x R] float tensor in [-1, 1], "index": source row}``.
+    An item is ``{"input": [C x R x R] float tensor in [-1, 1], "index": source row}``. The DataLoader fetches a
+    batch at once (``__getitems__``): the rows not cached are read from the source in one query.
+
+    The random crop and flip of a row come from row ``row`` of a table of uniforms drawn once per epoch from
+    ``mix_seed(seed, epoch, AUGMENTATIONS)``: a fixed function of (seed, epoch, row), whatever the worker, the
+    batch or where a resumed run starts. Each row's resized image (before crop and flip) is kept in memory, up
+    to ``cache_bytes`` in all, so from the second epoch on an image is neither decoded nor resized again. The
+    cache changes the speed, never the values.
     """
 
-    def __init__(self, source: ImageSource, rows: Sequence[int], preprocess: Preprocess, seed: int) -> None:
+    def __init__(self, source: ImageSource, rows: Sequence[int], preprocess: Preprocess, seed: int,
+                 cache_bytes: int = CACHE_BYTES) -> None:
         self.source = source
         self.rows = list(rows)
         self.preprocess = preprocess
         self.seed = seed
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, torch.Tensor] = {}  # row -> preprocess.resize(image)
+        self._cached_bytes = 0
+        self._draws: tuple[int, torch.Tensor] | None = None  # (epoch, [len(source), 3] uniforms)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        position, epoch = key
-        row = self.rows[position]
-        try:
-            image = self.source.open(row)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        rows = [self.rows[position] for position, _ in keys]
+        missing = [row for row in rows if row not in self._cache]
+        openers = dict(zip(missing, self.source.openers(missing)))
+        crops = [self.preprocess.crop_and_flip(self._resized(row, openers), self._row_draws(epoch, row))
+                 for row, (_, epoch) in zip(rows, keys)]
+        # Scaled one image at a time: tensors this small stay on one thread (a batch-sized op would use OpenMP
+        # threads, which stall when other processes hold the cores).
+        return [{"input": self.preprocess.to_unit_range(x), "index": row} for x, row in zip(crops, rows)]
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker started by pickling (spawn) gets an empty cache
+        return {**self.__dict__, "_cache": {}, "_cached_bytes": 0}
+
+    def _row_draws(self, epoch: int, row: int) -> list[float]:
+        if not self.preprocess.is_random:
+            return [0.0, 0.0, 1.0]
+        if self._draws is None or self._draws[0] != epoch:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, AUGMENTATIONS))
+            self._draws = (epoch, torch.rand(len(self.source), 3, generator=generator))
+        draws: list[float] = self._draws[1][row].tolist()
+        return draws
+
+    def _resized(self, row: int, openers: dict[int, Callable[[], Image.Image]]) -> torch.Tensor:
+        x = self._cache.get(row)
+        if x is not None:
+            return x
+        try:  # checked before training, so only a file changed since then fails here
+            image = openers[row]()
             image.load()
-        except Exception as e:  # checked before training, so only a file changed since then gets here
-            raise DataError(f"image {self.source.name(row)} can no longer be read ({type(e).__name__})") from None
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, row))
-        return {"input": self.preprocess(image, generator), "index": row}
+        except Exception as e:
+            raise DataError(f"image {self.source.name(row)} can no longer be read "
+                            f"({type(e).__name__}: {first_line(e)})") from None
+        try:
+            with image:
+                x = self.preprocess.resize(image)
+        except Exception as e:
+            raise DataError(f"image {self.source.name(row)} could not be preprocessed "
+                            f"({type(e).__name__}: {first_line(e)})") from None
+        worker = get_worker_info()
+        size = x.numel() * x.element_size()
+        if self._cached_bytes + size <= self.cache_bytes // (worker.num_workers if worker else 1):
+            self._cache[row] = x
+            self._cached_bytes += size
+        return x
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

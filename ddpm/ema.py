@@ -32,6 +32,17 @@ def ema_decay(step: int, max_decay: float = 0.9999, inv_gamma: float = 1.0, powe
     return max(0.0, min(max_decay, 1.0 - (1.0 + n / inv_gamma) ** -power))
 
 
+def ema_update_(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """``shadow <- shadow + (1 - decay) (param - shadow)`` in place, for every pair in one fused call.
+
+    diffusers' ``EMAModel.step`` rounds three times (``s - (1 - d) * (s - p)``); this rounds as ``torch.lerp``
+    does, so the shadow weights are within an ulp of diffusers' (1.2e-7 here), not bitwise equal. Rounding as
+    diffusers does takes three passes over the weights instead of one: 3-4x the time of this update
+    (docs/architecture.md, "Hand-written or library").
+    """
+    torch._foreach_lerp_(shadow, params, 1.0 - decay)
+
+
 class EMA:
     """Shadow copy of ``model``'s parameters, keyed by parameter name.
 
@@ -65,8 +76,8 @@ class EMA:
         self.decay = ema_decay(self.optimization_step, self.max_decay, self.inv_gamma, self.power)
         pairs = self._pairs(model)
         trained = [(s, p.detach().float()) for s, p in pairs if p.requires_grad]
-        if trained:  # s + (1 - d) (p - s), one fused call over all tensors
-            torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - self.decay)
+        if trained:
+            ema_update_([s for s, _ in trained], [p for _, p in trained], self.decay)
         for s, p in pairs:
             if not p.requires_grad:
                 s.copy_(p.detach())  # frozen parameters are copied, as diffusers does

@@ -129,3 +129,139 @@ def test_dataset_name_accepts_a_local_dataset_path(tmp_path):
     source = data.open_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
     assert len(source) == 2 and source.column == "image"
     assert source.open(1).size == (6, 6)
+
+
+def _folder(tmp_path, images):
+    """Save ``images`` (numpy arrays or PIL images) as PNG/TIFF files and open the folder as training data."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        image.save(folder / (f"{i}.tiff" if image.mode == "F" else f"{i}.png"))
+    return folder, data.open_image_folder(str(folder), cache_dir=str(tmp_path / "cache"))
+
+
+def _random_rgb(rng, count, size):
+    return [(rng.random((*size, 3)) * 255).astype(np.uint8) for _ in range(count)]
+
+
+def test_batches_are_a_function_of_seed_epoch_and_row_whatever_the_cache_or_batching(tmp_path):
+    _, source = _folder(tmp_path, _random_rgb(np.random.default_rng(0), 6, (9, 14)))
+    pre = data.Preprocess(8, random_flip=True)
+    cached = data.TrainDataset(source, range(6), pre, seed=5)
+    uncached = data.TrainDataset(source, range(6), pre, seed=5, cache_bytes=0)
+    keys = [(p, e) for e in range(3) for p in range(6)]
+    together = cached.__getitems__(keys)  # one batch of all 18 keys
+    one_by_one = [uncached[k] for k in reversed(keys)][::-1]
+    for a, b in zip(together, one_by_one):
+        assert a["index"] == b["index"] and torch.equal(a["input"], b["input"])
+    epochs = [torch.stack([item["input"] for item in together[6 * e:6 * e + 6]]) for e in range(3)]
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])  # new crops each epoch
+    other_seed = data.TrainDataset(source, range(6), pre, seed=6).__getitems__(keys[:6])
+    assert not all(torch.equal(a["input"], b["input"]) for a, b in zip(other_seed, together))
+    # Each item is a window of its resized image (14x9 -> 12x8), maybe mirrored, in [-1, 1] as the script makes it.
+    reference = transforms.Compose([transforms.Resize(8), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    for item in together:
+        with source.open(item["index"]) as image:
+            full = reference(image)
+        windows = [full[:, :, j:j + 8] for j in range(full.shape[-1] - 7)]
+        assert any(torch.equal(item["input"], w) or torch.equal(item["input"], w.flip(-1)) for w in windows)
+
+
+def test_second_epoch_reads_the_cache_not_the_files(tmp_path):
+    folder, source = _folder(tmp_path, _random_rgb(np.random.default_rng(1), 4, (8, 8)))
+    cached = data.TrainDataset(source, range(4), data.Preprocess(8), seed=0)
+    uncached = data.TrainDataset(source, range(4), data.Preprocess(8), seed=0, cache_bytes=0)
+    first = cached.__getitems__([(p, 0) for p in range(4)])
+    assert len(cached._cache) == 4 and len(uncached._cache) == 0
+    (folder / "2.png").unlink()
+    again = cached.__getitems__([(p, 1) for p in range(4)])
+    assert all(torch.equal(a["input"], b["input"]) for a, b in zip(first, again))  # square: no crop, no flip
+    with pytest.raises(data.DataError, match="2.png can no longer be read"):
+        uncached.__getitems__([(p, 1) for p in range(4)])
+    small = data.TrainDataset(source, [0, 1, 3], data.Preprocess(8), seed=0, cache_bytes=2 * 3 * 8 * 8)
+    small.__getitems__([(p, 0) for p in range(3)])
+    assert len(small._cache) == 2  # the cap: two 3x8x8 uint8 images
+
+
+def test_a_worker_error_names_the_file(tmp_path):
+    folder, source = _folder(tmp_path, _random_rgb(np.random.default_rng(2), 4, (8, 8)))
+    rows = data.readable_rows(source)
+    (folder / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n changed since the check")
+    dataset = data.TrainDataset(source, rows, data.Preprocess(8), seed=0)
+    sampler = data.EpochSampler(len(dataset), seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=1)
+    with pytest.raises(data.DataError) as info:
+        next(iter(loader))
+    first_line = str(info.value).splitlines()[0]
+    assert "3.png can no longer be read (" in first_line
+    assert "DataLoader worker process 0" in first_line
+
+
+def test_16_bit_and_float_images_keep_their_picture_at_8_bits_with_a_warning(tmp_path, caplog):
+    ramp = np.linspace(0, 1, 8 * 8).reshape(8, 8)
+    deep = Image.fromarray((ramp * 65535).astype(np.uint16))
+    floats = Image.fromarray(ramp.astype(np.float32))
+    folder, source = _folder(tmp_path, [deep, floats])
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+        rows = data.readable_rows(source, preserve_input_precision=False)
+    assert rows == [0, 1]
+    assert "2 of 2 images are 16-bit or float (e.g. " in caplog.text and "0.png" in caplog.text
+    assert caplog.text.count("warning") == 1
+    expected = torch.from_numpy(np.round(ramp * 255) / 255 * 2 - 1).float()  # the ramp at 8 bits, in [-1, 1]
+    for row in rows:
+        with source.open(row) as image:
+            assert image.mode in ("I;16", "F")
+            x = data.Preprocess(8, center_crop=True, channels=1)(image, torch.Generator())
+        torch.testing.assert_close(x[0], expected, atol=1e-6, rtol=0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+        data.readable_rows(source, preserve_input_precision=True)
+        data.readable_rows(source)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_one_warning_counts_the_images_whose_channels_the_model_lacks(tmp_path, caplog, channels):
+    rng = np.random.default_rng(3)
+    gray = [(rng.random((8, 8)) * 255).astype(np.uint8) for _ in range(2)]
+    _, source = _folder(tmp_path, _random_rgb(rng, 3, (8, 8)) + gray)
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+        data.readable_rows(source, channels=channels)
+    expected = {1: "3 of 5 images are in colour and the model takes 1 channel",
+                3: "2 of 5 images are grayscale and the model takes 3 channels"}[channels]
+    assert expected in caplog.text and caplog.text.count("warning") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm.data"):
+        assert data.readable_rows(data.EmbeddedImages(), channels=1) == list(range(5000))
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("size", [(30, 44), (44, 30), (17, 17), (9, 100), (16, 16)])
+def test_resize_is_torchvisions_bit_for_bit_on_images_and_tensors(size):
+    from torchvision.transforms import functional as TF
+
+    rng = np.random.default_rng(4)
+    image = Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8))
+    pre = data.Preprocess(16)
+    expected = TF.pil_to_tensor(TF.resize(image, [16], interpolation=transforms.InterpolationMode.BILINEAR))
+    assert torch.equal(pre.resize(image), expected)
+    precise = data.Preprocess(16, preserve_input_precision=True)
+    unit = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    expected = TF.resize(unit, [16], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(precise.resize(image), expected)
+
+
+def test_worker_processes_change_no_batch(tmp_path):
+    _, source = _folder(tmp_path, _random_rgb(np.random.default_rng(5), 10, (10, 13)))
+    dataset = data.TrainDataset(source, range(10), data.Preprocess(8, random_flip=True), seed=3)
+    batches = {}
+    for workers in (0, 2):
+        sampler = data.EpochSampler(len(dataset), seed=3)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers)
+        batches[workers] = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            batches[workers] += [b["input"] for b in loader]
+    assert len(batches[0]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))

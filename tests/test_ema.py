@@ -95,3 +95,23 @@ def test_mismatched_state_is_a_clear_error():
     with pytest.raises(ValueError, match="ema_power"):
         EMA(nn.Linear(1, 1), power=0)
     assert math.isclose(ema_decay(3, inv_gamma=1.0, power=1.0), 1 - 1 / 3)
+
+
+def test_shadow_weights_stay_within_an_ulp_of_diffusers_through_the_warm_up():
+    # train_unconditional.py's EMAModel (foreach=False): decay 0, then 1 - 2**-0.75, ... each step rounded as
+    # s - (1 - d) * (s - p); ours is one lerp, rounded once per step differently: the error must not grow.
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.Linear(5, 7))
+    ema = EMA(model)
+    reference = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    params = list(model.parameters())
+    for step in range(30):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01).mul_(0.999)
+        ema.step(model)
+        reference.step(model.parameters())
+        for (name, _), expected in zip(model.named_parameters(), reference.shadow_params):
+            torch.testing.assert_close(ema.shadow[name], expected, rtol=2.5e-7, atol=1e-8, msg=f"{step} {name}")

@@ -116,8 +116,15 @@ def _train(config: TrainConfig, accelerator: Accelerator, stop: StopRequest) -> 
     unet_config = outputs.model_config(config)
     on_main(accelerator, lambda: outputs.check_paths(config))
     source_args = (config.dataset_name, config.dataset_config_name, config.train_data_dir, config.cache_dir)
-    rows = on_main(accelerator, lambda: data.readable_rows(data.open_source(*source_args), progress=True))
-    source = data.open_source(*source_args)  # the main process built any cache above
+    opened: list[data.ImageSource] = []  # the main process's source, reused: opening a folder takes seconds
+
+    def check_data() -> list[int]:
+        opened.append(data.open_source(*source_args))
+        return data.readable_rows(opened[0], progress=True, channels=unet_config.get("in_channels", 3),
+                                  preserve_input_precision=config.preserve_input_precision)
+
+    rows = on_main(accelerator, check_data)
+    source = opened[0] if opened else data.open_source(*source_args)  # the others, once the main built any cache
     noise_scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
                                     prediction_type=config.prediction_type)
     scheduler_config = json.loads(json.dumps(config_to_dict(noise_scheduler.config, "DDPMScheduler")))
@@ -167,6 +174,7 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
     sampler = data.EpochSampler(len(dataset), seed)
     train_dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                   num_workers=config.dataloader_num_workers,
+                                  persistent_workers=config.dataloader_num_workers > 0,  # workers keep their cache
                                   generator=torch.Generator().manual_seed(seed))  # never the global RNG
     model, optimizer_wrapped, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
 
