@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -111,6 +112,14 @@ def make_inputs(cfg: dict[str, Any], seed: int) -> tuple[torch.Tensor, list[Any]
     return sample, timesteps, labels
 
 
+@pytest.fixture(params=["cpu-kernels", "plain"])
+def kernels_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every parity case twice: with the CPU kernels behind ddpm/kernels.py's door, and with the plain PyTorch
+    layers that CUDA and torch.compile run (the door shut for the test, as DDPM_CPU_KERNELS=0 shuts it)."""
+    with kernels.enabled(request.param == "cpu-kernels"):
+        yield request.param
+
+
 def grads(model: torch.nn.Module, out: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     (out * weight).sum().backward()
@@ -118,7 +127,7 @@ def grads(model: torch.nn.Module, out: torch.Tensor, weight: torch.Tensor) -> di
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
+def test_matches_diffusers_both_directions(name: str, kernels_mode: str, tmp_path: Path) -> None:
     cfg = CASES[name]
     torch.manual_seed(0)
     ref = UNet2DModel(**cfg).eval()
@@ -129,6 +138,7 @@ def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
     sample, timesteps, labels = make_inputs(cfg, seed=2)
+    assert kernels.applies(sample) == (kernels_mode == "cpu-kernels")
     for t in timesteps:
         with torch.no_grad():
             expected = ref(sample, t, class_labels=labels).sample
@@ -142,7 +152,8 @@ def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
         expected = ref(sample[:1], t1, class_labels=labels1).sample
         with ours.frozen_weights():
             got = ours(sample[:1], t1, class_labels=labels1).sample
-            assert kernels._FROZEN[-1], "no convolution took a prepacked weight"
+            packed = ours.conv_in.packed
+            assert packed is not None and (len(packed) > 0) == (kernels_mode == "cpu-kernels"), "prepacked?"
     assert rel_err(got, expected) <= REL_TOL, (name, "frozen_weights, batch 1")
 
     # Gradients of a fixed linear functional of the output, per-sample timesteps, for every named parameter.
