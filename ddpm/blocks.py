@@ -37,18 +37,19 @@ default_checkpointing: Callable[..., Any] = partial(checkpoint, use_reentrant=Fa
 
 class _Block(nn.Module):
     """What every block shares: the gradient-checkpointing switch that ``UNet.enable_gradient_checkpointing``
-    sets (diffusers' attribute names)."""
+    sets (diffusers' attribute names). As in diffusers, the ResNet layers are checkpointed (``_resnet``), the
+    attention layers and the mid block's first ResNet are not."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func: Callable[..., Any] = default_checkpointing
 
-    def _layer(self, layer: nn.Module, *args: Tensor) -> Tensor:
+    def _resnet(self, resnet: nn.Module, hidden_states: Tensor, temb: Tensor) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            out: Tensor = self._gradient_checkpointing_func(layer, *args)
+            out: Tensor = self._gradient_checkpointing_func(resnet, hidden_states, temb)
             return out
-        return layer(*args)
+        return resnet(hidden_states, temb)
 
 
 def _attention(channels: int, head_dim: int, groups: int | None, eps: float, rescale: float = 1.0) -> Attention:
@@ -77,7 +78,8 @@ class DownBlock(_Block):
             resnets.append(ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, **res))
             if attention_head_dim is not None:
                 attentions.append(_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps))
-        self.attentions = nn.ModuleList(attentions)  # registered first, as in diffusers: the same key order
+        # registered first, as in diffusers: the same key order; None where diffusers has no attentions either
+        self.attentions = nn.ModuleList(attentions) if attentions else None
         self.resnets = nn.ModuleList(resnets)
         self.downsamplers: nn.ModuleList | None = None
         if downsample == "conv":
@@ -89,9 +91,9 @@ class DownBlock(_Block):
     def forward(self, hidden_states: Tensor, temb: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         output_states: tuple[Tensor, ...] = ()
         for i, resnet in enumerate(self.resnets):
-            hidden_states = self._layer(resnet, hidden_states, temb)
-            if len(self.attentions):
-                hidden_states = self._layer(self.attentions[i], hidden_states)
+            hidden_states = self._resnet(resnet, hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             down = self.downsamplers[0]
@@ -120,7 +122,8 @@ class UpBlock(_Block):
             resnets.append(ResnetBlock2D(x_channels + skip_channels, out_channels, temb_channels, **res))
             if attention_head_dim is not None:
                 attentions.append(_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps))
-        self.attentions = nn.ModuleList(attentions)  # registered first, as in diffusers: the same key order
+        # registered first, as in diffusers: the same key order; None where diffusers has no attentions either
+        self.attentions = nn.ModuleList(attentions) if attentions else None
         self.resnets = nn.ModuleList(resnets)
         self.upsamplers: nn.ModuleList | None = None
         if upsample == "conv":
@@ -132,9 +135,9 @@ class UpBlock(_Block):
         for i, resnet in enumerate(self.resnets):
             skip = res_hidden_states_tuple[-1 - i]  # newest first
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (N, C_x + C_skip, H, W)
-            hidden_states = self._layer(resnet, hidden_states, temb)
-            if len(self.attentions):
-                hidden_states = self._layer(self.attentions[i], hidden_states)
+            hidden_states = self._resnet(resnet, hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
         if self.upsamplers is not None:
             up = self.upsamplers[0]
             hidden_states = up(hidden_states, temb) if isinstance(up, ResnetBlock2D) else up(hidden_states)
@@ -154,14 +157,14 @@ class UNetMidBlock2D(_Block):
                                    output_scale_factor=output_scale_factor)
         first = ResnetBlock2D(in_channels, in_channels, temb_channels, **res)
         self.attentions = nn.ModuleList([_attention(in_channels, attention_head_dim, attn_groups, resnet_eps,
-                                                    output_scale_factor)] if add_attention else [])
+                                                    output_scale_factor)]) if add_attention else None
         self.resnets = nn.ModuleList([first, ResnetBlock2D(in_channels, in_channels, temb_channels, **res)])
 
     def forward(self, hidden_states: Tensor, temb: Tensor) -> Tensor:
-        hidden_states = self._layer(self.resnets[0], hidden_states, temb)
-        if len(self.attentions):
-            hidden_states = self._layer(self.attentions[0], hidden_states)
-        return self._layer(self.resnets[1], hidden_states, temb)
+        hidden_states = self.resnets[0](hidden_states, temb)  # not checkpointed, as in diffusers
+        if self.attentions is not None:
+            hidden_states = self.attentions[0](hidden_states)
+        return self._resnet(self.resnets[1], hidden_states, temb)
 
 
 # --- score-SDE (NCSN++) blocks ------------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ class SkipDownBlock(_Block):
                                          groups_out=skip_groups(out_channels), **res))
             if attention_head_dim is not None:  # its GroupNorm has 32 groups, fixed in diffusers
                 attentions.append(_attention(out_channels, attention_head_dim, 32, resnet_eps, math.sqrt(2.0)))
-        self.attentions = nn.ModuleList(attentions)  # registered first, as in diffusers: the same key order
+        # registered first, as in diffusers: the same key order; None where diffusers has no attentions either
+        self.attentions = nn.ModuleList(attentions) if attentions else None
         self.resnets = nn.ModuleList(resnets)
         self.resnet_down: ResnetBlock2D | None = None
         self.skip_conv: Conv2d | None = None
@@ -199,9 +203,9 @@ class SkipDownBlock(_Block):
                 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         output_states: tuple[Tensor, ...] = ()
         for i, resnet in enumerate(self.resnets):
-            hidden_states = self._layer(resnet, hidden_states, temb)
-            if len(self.attentions):
-                hidden_states = self._layer(self.attentions[i], hidden_states)
+            hidden_states = self._resnet(resnet, hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
             output_states += (hidden_states,)
         if self.resnet_down is not None and self.skip_conv is not None:
             hidden_states = self.resnet_down(hidden_states, temb)
@@ -229,9 +233,9 @@ class SkipUpBlock(_Block):
             groups = attn_skip_up_groups(x_ch, skip_ch) if attention_head_dim is not None else skip_groups(x_ch + skip_ch)
             resnets.append(ResnetBlock2D(x_ch + skip_ch, out_channels, temb_channels, groups=groups,
                                          groups_out=skip_groups(out_channels), **res))
-        attention = ([_attention(out_channels, attention_head_dim, 32, resnet_eps, math.sqrt(2.0))]
-                     if attention_head_dim is not None else [])  # created after the ResNets, registered before
-        self.attentions = nn.ModuleList(attention)
+        # created after the ResNets, registered before them (diffusers' order for both)
+        self.attentions = nn.ModuleList([_attention(out_channels, attention_head_dim, 32, resnet_eps, math.sqrt(2.0))]
+                                        ) if attention_head_dim is not None else None
         self.resnets = nn.ModuleList(resnets)
         self.resnet_up: ResnetBlock2D | None = None
         self.skip_conv: Conv2d | None = None
@@ -248,9 +252,9 @@ class SkipUpBlock(_Block):
                 skip_sample: Tensor | None) -> tuple[Tensor, Tensor | None]:
         for i, resnet in enumerate(self.resnets):
             skip = res_hidden_states_tuple[-1 - i]
-            hidden_states = self._layer(resnet, torch.cat([hidden_states, skip], dim=1), temb)
-        if len(self.attentions):
-            hidden_states = self._layer(self.attentions[0], hidden_states)
+            hidden_states = self._resnet(resnet, torch.cat([hidden_states, skip], dim=1), temb)
+        if self.attentions is not None:
+            hidden_states = self.attentions[0](hidden_states)
         if skip_sample is not None:
             skip_sample = fir_upsample(skip_sample)  # (N, 3, H, W) from (N, 3, H/2, W/2)
         if self.resnet_up is not None and self.skip_norm is not None and self.skip_conv is not None:

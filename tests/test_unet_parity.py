@@ -8,6 +8,7 @@ and loads it back into diffusers. Tolerance: relative error max|a - b| / max|b| 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from collections.abc import Iterator
@@ -17,10 +18,13 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from ddpm import blocks as ddpm_blocks
 from ddpm import kernels
 from ddpm.unet import UNet, UNetConfig
 
 REL_TOL = 1e-4
+SMALL = {k: v for k, v in json.loads((Path(__file__).parent.parent / "ddpm" / "assets" / "unet-small.json").read_text()
+                                      ).items() if not k.startswith("_")}  # the default laptop model
 
 
 BASE: dict[str, Any] = dict(
@@ -183,6 +187,46 @@ def test_matches_diffusers_both_directions(name: str, kernels_mode: str, tmp_pat
     with torch.no_grad():
         assert rel_err(back(sample, timesteps[-1], class_labels=labels).sample,
                        ours(sample, timesteps[-1], class_labels=labels).sample) <= REL_TOL
+
+
+# --- same seed, same initial weights; same module names and classes ---------------------------------------------
+
+def built_after_seed(cls: Any, cfg: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model built right after torch.manual_seed(0), and the next three numbers the generator gives."""
+    torch.manual_seed(0)
+    model = cls(**cfg)
+    return model, torch.randn(3)
+
+
+@pytest.mark.parametrize("name", list(CASES) + ["unet-small"])
+def test_same_seed_same_initial_weights(name: str) -> None:
+    cfg = CASES[name] if name in CASES else SMALL
+    ref, ref_next = built_after_seed(UNet2DModel, cfg)
+    ours, our_next = built_after_seed(UNet, cfg)
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert list(our_state) == list(ref_state)
+    for key, value in ref_state.items():
+        assert torch.equal(our_state[key], value), key
+    assert torch.equal(our_next, ref_next)  # the same number of random draws: later draws agree too
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_module_names_and_classes_match_diffusers(name: str) -> None:
+    # Every diffusers module that holds parameters (and every block) has our module of the same class name under
+    # the same name, so hooks and isinstance / class-name checks written against diffusers find ours. Left out:
+    # diffusers' parameter-free resampling modules inside ResNet blocks (Downsample2D(use_conv=False), ...).
+    with torch.device("meta"):
+        ref, ours = UNet2DModel(**CASES[name]), UNet(**CASES[name])
+    our_modules = dict(ours.named_modules())
+    for qualname, module in ref.named_modules():
+        if qualname and any(True for _ in module.parameters()):
+            assert qualname in our_modules, qualname
+            assert type(our_modules[qualname]).__name__ == type(module).__name__, qualname
+    cfg = UNetConfig(**CASES[name])
+    for blocks, names in ((ours.down_blocks, cfg.down_block_types), (ours.up_blocks, cfg.up_block_types)):
+        for block, block_type in zip(blocks, names):
+            assert type(block).__name__ == block_type.removeprefix("UNetRes")
+            assert isinstance(block, getattr(ddpm_blocks, block_type.removeprefix("UNetRes")))
 
 
 # --- real configs: structure only -------------------------------------------------------------------------------
