@@ -230,7 +230,8 @@ class SkipUpBlock(_Block):
                                    output_scale_factor=math.sqrt(2.0))
         resnets = []
         for x_ch, skip_ch in up_resnet_channels(in_channels, prev_output_channel, out_channels, num_layers):
-            groups = attn_skip_up_groups(x_ch, skip_ch) if attention_head_dim is not None else skip_groups(x_ch + skip_ch)
+            groups = (attn_skip_up_groups(x_ch, skip_ch) if attention_head_dim is not None
+                      else skip_groups(x_ch + skip_ch))
             resnets.append(ResnetBlock2D(x_ch + skip_ch, out_channels, temb_channels, groups=groups,
                                          groups_out=skip_groups(out_channels), **res))
         # created after the ResNets, registered before them (diffusers' order for both)
@@ -307,8 +308,10 @@ class AttnSkipUpBlock2D(SkipUpBlock):
     """score-SDE up block with one attention after the ResNet layers."""
 
 
-DOWN_BLOCKS: dict[str, type[DownBlock] | type[SkipDownBlock]] = {
-    cls.__name__: cls for cls in (DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D, SkipDownBlock2D,
-                                  AttnSkipDownBlock2D)}
-UP_BLOCKS: dict[str, type[UpBlock] | type[SkipUpBlock]] = {
-    cls.__name__: cls for cls in (UpBlock2D, AttnUpBlock2D, ResnetUpsampleBlock2D, SkipUpBlock2D, AttnSkipUpBlock2D)}
+# The config's block-type names -> classes, per family (unet_config.DOWN_BLOCK_TYPES / UP_BLOCK_TYPES say which).
+DOWN_BLOCKS: dict[str, type[DownBlock]] = {
+    cls.__name__: cls for cls in (DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D)}
+SKIP_DOWN_BLOCKS: dict[str, type[SkipDownBlock]] = {
+    cls.__name__: cls for cls in (SkipDownBlock2D, AttnSkipDownBlock2D)}
+UP_BLOCKS: dict[str, type[UpBlock]] = {cls.__name__: cls for cls in (UpBlock2D, AttnUpBlock2D, ResnetUpsampleBlock2D)}
+SKIP_UP_BLOCKS: dict[str, type[SkipUpBlock]] = {cls.__name__: cls for cls in (SkipUpBlock2D, AttnSkipUpBlock2D)}

@@ -214,8 +214,13 @@ class ResnetBlock2D(nn.Module):
         if use_in_shortcut is None:
             use_in_shortcut = in_channels != out_channels
         self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1) if use_in_shortcut else None
+        # the options kernels.resnet_block covers
+        self.fusable = (time_embedding_norm == "default" and non_linearity in ("silu", "swish")
+                        and self.resample is None and dropout == 0.0)
 
     def forward(self, input_tensor: Tensor, temb: Tensor) -> Tensor:
+        if self.fusable and kernels.applies(input_tensor, self):  # CPU: the same in fewer passes over memory
+            return kernels.resnet_block(self, input_tensor, temb)
         h = self.nonlinearity(self.norm1(input_tensor))
         if self.resample is not None:
             input_tensor, h = self.resample(input_tensor), self.resample(h)
@@ -255,15 +260,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if kernels.applies(hidden_states, self):  # CPU: projections as 1x1 convolutions of the map
+            return kernels.attention_block(self, hidden_states)
         height = hidden_states.shape[2]
         x = self.group_norm(hidden_states) if self.group_norm is not None else hidden_states
         tokens = rearrange(x, "b c x y -> b (x y) c")  # a view when x is channels_last
         q, k, v = (rearrange(proj(tokens), "b l (n d) -> b n l d", n=self.heads)
                    for proj in (self.to_q, self.to_k, self.to_v))
-        if kernels.applies(q):  # CPU: small heads in float32 under autocast
-            out = kernels.attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H*W, dim_head)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H*W, dim_head)
         out = self.to_out[0](rearrange(out, "b n l d -> b l (n d)"))
         out = rearrange(out, "b (x y) c -> b c x y", x=height) + hidden_states  # + residual
         return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out

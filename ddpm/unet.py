@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ddpm import checkpoint, kernels
-from ddpm.blocks import DOWN_BLOCKS, UP_BLOCKS, SkipDownBlock, SkipUpBlock, UNetMidBlock2D, default_checkpointing
+from ddpm.blocks import (DOWN_BLOCKS, SKIP_DOWN_BLOCKS, SKIP_UP_BLOCKS, UP_BLOCKS, SkipDownBlock, SkipUpBlock,
+                         UNetMidBlock2D, default_checkpointing)
 from ddpm.config import config_from_dict, config_to_dict, read_json, write_json
 from ddpm.layers import (Conv2d, GaussianFourierProjection, GroupNorm, TimestepEmbedding, Timesteps,
                          Upsample2D)
@@ -103,8 +104,8 @@ class UNet(nn.Module):
         self.mid_block: UNetMidBlock2D | None = None
         self.up_blocks = nn.ModuleList()
         for level in c.down_levels():
-            if level.skip:
-                block: nn.Module = DOWN_BLOCKS[level.block_type](
+            if level.resample == "fir" or level.skip:  # a Skip block (the first test narrows the type)
+                block: nn.Module = SKIP_DOWN_BLOCKS[level.block_type](
                     level.in_channels, level.out_channels, temb_dim, num_layers=c.layers_per_block,
                     attention_head_dim=level.attention_head_dim, add_downsample=level.resample is not None, **res)
             else:
@@ -121,8 +122,8 @@ class UNet(nn.Module):
                 output_scale_factor=c.mid_block_scale_factor, **res)
 
         for level in c.up_levels():
-            if level.skip:
-                block = UP_BLOCKS[level.block_type](
+            if level.resample == "fir" or level.skip:  # a Skip block (the first test narrows the type)
+                block = SKIP_UP_BLOCKS[level.block_type](
                     level.in_channels, level.prev_channels, level.out_channels, temb_dim,
                     num_layers=c.layers_per_block + 1, attention_head_dim=level.attention_head_dim,
                     add_upsample=level.resample is not None, **res)
@@ -266,7 +267,7 @@ class UNet(nn.Module):
             x = self.mid_block(x, emb)
         up_skip: Tensor | None = None
         for up in self.up_blocks:
-            n = len(up.resnets)
+            n = len(up.resnets)  # type: ignore[arg-type]
             res, skips = skips[-n:], skips[:-n]
             if isinstance(up, SkipUpBlock):
                 x, up_skip = up(x, res, emb, up_skip)
