@@ -79,9 +79,10 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
+    # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)
     g = torch.nn.modules.module
-    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks)
+    return any(getattr(g, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 @contextlib.contextmanager
@@ -231,7 +232,8 @@ def _group_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, 
     n, c, height, width = x.shape
     groups = mean.shape[1]
     # (bf16 sums accumulate in float32 inside the kernel; only the per-channel totals are rounded)
-    sums = torch.stack([grad.sum((2, 3)), (grad * x).sum((2, 3))]).float()
+    product = torch.mul(grad, x) if out is None or out is grad else torch.mul(grad, x, out=out)  # out: scratch first
+    sums = torch.stack([grad.sum((2, 3)), product.sum((2, 3))]).float()
     sum_g, sum_gx = sums.view(2, n, groups, -1)  # (N, G, C/G) each
     sum_gxhat = (sum_gx - mean[:, :, None] * sum_g).mul_(rstd[:, :, None])
     count = height * width * (c // groups)
@@ -324,7 +326,7 @@ def resnet_block(block: Any, x: Tensor, temb: Tensor) -> Tensor:
     h = norm_conv(h.add_(t), block.norm2, block.conv2.weight, block.conv2.bias, silu=True, padding=1,
                   packed=block.conv2.packed)
     shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
-    h = h.add_(shortcut)
+    h = _add(h, shortcut)
     return h.div_(block.output_scale_factor) if block.output_scale_factor != 1.0 else h
 
 
@@ -342,8 +344,13 @@ def attention_block(attn: Any, x: Tensor) -> Tensor:
     q, k, v = (rearrange(t, "b (n d) x y -> b n (x y) d", n=attn.heads) for t in qkv.chunk(3, dim=1))
     out = rearrange(attention(q, k, v), "b n (x y) d -> b (n d) x y", x=height)  # channels_last view
     proj = attn.to_out[0]
-    out = conv2d(out, proj.weight[:, :, None, None], proj.bias).add_(x)  # + residual
+    out = _add(conv2d(out, proj.weight[:, :, None, None], proj.bias), x)  # + residual
     return out.div_(attn.rescale_output_factor) if attn.rescale_output_factor != 1.0 else out
+
+
+def _add(h: Tensor, residual: Tensor) -> Tensor:
+    # h + residual, in h's memory where the result has h's dtype (h: a convolution's output, read by no backward)
+    return h.add_(residual) if torch.result_type(h, residual) == h.dtype else h + residual
 
 
 # --- nearest 2x upsampling -> 3x3 convolution ------------------------------------------------------------------

@@ -182,3 +182,27 @@ def test_fused_resnet_block_under_bf16_matches_diffusers() -> None:
     assert kernels.applies(x) and ours.fusable
     for name, expected in results[0].items():
         assert rel_err(results[1][name], expected) <= 2e-2, name  # measured: at most 1.1e-2 (1% error: 3.7e-2)
+
+
+# --- the plain path is what CUDA runs: attention in the autocast dtype, GroupNorm in float32 ----------------------
+
+def test_plain_path_attention_in_autocast_dtype_and_group_norm_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpm.layers import Attention
+
+    seen: dict[str, list[torch.dtype]] = {"sdpa": [], "group_norm": []}
+    real_sdpa, real_gn = F.scaled_dot_product_attention, F.group_norm
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen["sdpa"].append(q.dtype) or real_sdpa(q, k, v, **kw))
+    monkeypatch.setattr(F, "group_norm", lambda x, *a, **kw: seen["group_norm"].append(x.dtype) or real_gn(x, *a, **kw))
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8, norm_num_groups=4)  # head_dim 8: the CPU kernels run it in float32
+    x = torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with kernels.enabled(False):  # the plain layers, as on CUDA
+            plain = attn(x)
+        assert seen == {"sdpa": [torch.bfloat16], "group_norm": [torch.float32]}
+        seen["sdpa"].clear()
+        if kernels.applies(x):  # the CPU door: the small heads go in as float32
+            cpu = attn(x)
+            assert seen["sdpa"] == [torch.float32]
+            assert rel_err(cpu, plain) <= 3e-2
