@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 # The pieces, one file per case family; re-exported here for tests/test_benchmarks_smoke.py and interactive use.
-from benchmarks.harness import (DDPM, DIFFUSERS, OutputMismatch, Report, Row, Side, autocast, build_models,  # noqa: E402,F401
+from benchmarks.harness import (  # noqa: E402,F401
+                                DDPM, DIFFUSERS, OutputMismatch, Report, Row, Side, autocast, build_models,
                                 conv_peak, count_flops, make_side, results_table, summary, supported_precisions,
                                 synchronizer, time_interleaved, verify_match)
 from benchmarks.memory import train_memory, train_worker  # noqa: E402,F401

@@ -9,9 +9,10 @@ image-resolution path (``skip_sample``) carried through the network.
 One implementation per family, with flags: ``DownBlock`` (attention or not; downsampling by a strided
 convolution or by a ResNet block), ``UpBlock``, ``SkipDownBlock``, ``SkipUpBlock``. diffusers' block names
 (``DownBlock2D``, ``AttnDownBlock2D``, ...) are thin subclasses that add only the name, so that ``isinstance``
-checks and hooks written against diffusers find our blocks; ``DOWN_BLOCKS`` / ``UP_BLOCKS`` map the config's
-block-type strings to them, and the UNet passes each the flags that ``unet_config.BLOCK_TYPES`` lists for its
-name. Every block creates its layers in diffusers' order (ResNet, then its attention, layer by layer), so a seed
+checks and hooks written against diffusers find our blocks; ``DOWN_BLOCKS`` / ``UP_BLOCKS`` (and the Skip
+families' ``SKIP_DOWN_BLOCKS`` / ``SKIP_UP_BLOCKS``) map the config's block-type strings to them, and the UNet
+passes each the flags that ``unet_config.DOWN_BLOCK_TYPES`` / ``UP_BLOCK_TYPES`` list for its name (through
+``UNetConfig.down_levels()`` / ``up_levels()``). Every block creates its layers in diffusers' order (ResNet, then its attention, layer by layer), so a seed
 gives both libraries the same initial weights.
 """
 
@@ -266,7 +267,8 @@ class SkipUpBlock(_Block):
 
 
 # --- diffusers' names ---------------------------------------------------------------------------------------------
-# Each adds only its name: the flags it stands for come from unet_config.BLOCK_TYPES through UNet.__init__.
+# Each adds only its name: the flags it stands for come from unet_config.DOWN_BLOCK_TYPES / UP_BLOCK_TYPES through
+# UNet.__init__ (tests/test_unet_parity.py checks that every block gets the class its config names).
 
 class DownBlock2D(DownBlock):
     """ResNet layers, then a stride-2 convolution (no attention)."""

@@ -2,7 +2,7 @@
 
 ``applies(x)`` is true for a CPU tensor when oneDNN is built in, the compute dtype (autocast's, or ``x``'s) is
 float32 or a bfloat16 the CPU supports, nothing is tracing the model (``torch.compile``, ``torch.jit.trace``,
-``torch.fx``), and the kernels are switched on: ``DDPM_CPU_KERNELS=0`` in the environment switches them off for
+``torch.fx``, ``torch.func`` transforms), and the kernels are switched on: ``DDPM_CPU_KERNELS=0`` in the environment switches them off for
 the process, ``enabled(False)`` for a block (the parity tests run both ways). Everywhere else (CUDA, compile,
 tracing) the layers run their plain PyTorch, which is what the kernels are tested against.
 
@@ -13,6 +13,10 @@ What is here, each measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, shar
   is several times slower than its NCHW one.
 - ``upsample_conv``: nearest 2x upsampling then a 3x3 convolution, as four 2x2 convolutions of the small map
   (2.25x fewer FLOPs, no 4x-size map stored for the backward pass).
+- ``norm_conv``, ``resnet_block``, ``attention_block``: a ResNet block's GroupNorm -> SiLU -> convolution pairs
+  fused (storing only their input, recomputed in the backward pass), its adds in place, and the attention's
+  q/k/v as one 1x1 convolution of the map: fewer passes over memory and fewer pages freed and refilled per step.
+  They stand in for the block's submodules, so ``applies(x, block)`` also asks that no hook waits on one.
 - ``attention``: small attention heads in float32 under bf16 autocast (CPU's bf16 flash-attention backward is
   4x slower for head_dim 8).
 - ``PackedWeights``: convolution weights kept in oneDNN's blocked layout while they do not change
@@ -20,7 +24,8 @@ What is here, each measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, shar
 
 Private torch ops, each with a fallback, checked on torch 2.14.1: ``torch.ops.mkldnn._reorder_convolution_weight``
 and ``torch.ops.mkldnn._convolution_pointwise`` (without them ``PackedWeights`` packs nothing), and
-``torch.ops.mkldnn._is_mkldnn_bf16_supported`` (without it bfloat16 stays on the plain path).
+``torch.ops.mkldnn._is_mkldnn_bf16_supported`` (without it bfloat16 stays on the plain path); and, for the door,
+``torch._C._are_functorch_transforms_active`` (without it, torch.func transforms are not detected).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ _switch = [os.environ.get("DDPM_CPU_KERNELS", "1") != "0"]  # in a list: enabled
 # fx.symbolic_trace (torch >= 2.7 names it apart from torch.export, which is_compiling() covers)
 _fx_tracing: Callable[[], bool] = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
                                           torch.fx._symbolic_trace.is_fx_tracing)
+# torch.func transforms (grad, vmap, jacrev, ...): the kernels' autograd Functions do not support them
+_functorch_active: Callable[[], bool] = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -59,9 +66,9 @@ def applies(x: Tensor, module: nn.Module | None = None) -> bool:
     """Whether the CPU kernels run for ``x``: CPU with oneDNN, float32 or (CPU-supported) bfloat16, not traced,
     not switched off. With ``module`` (a kernel that stands in for its submodules, calling none of them), also: no
     hooks on any submodule, so that every hook a user registered still runs."""
-    # Tracers first (torch.compile / torch.export, jit.trace, fx): they record the plain path. Under dynamo
-    # nothing else is read, so nothing is guarded on.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing():
+    # Tracers and transforms first (torch.compile / torch.export, jit.trace, fx, torch.func): they get the plain
+    # path. Under dynamo nothing else is read, so nothing is guarded on.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing() or _functorch_active():
         return False
     if not (_switch[0] and _ONEDNN and x.device.type == "cpu"):
         return False

@@ -5,12 +5,13 @@ diffusers ``UNet2DModel`` state dict loads with ``strict=True`` and hooks or ``i
 diffusers' modules find ours. Every module is created in diffusers' order, drawing the same random numbers, so
 ``torch.manual_seed(s)`` gives both libraries the same initial weights.
 
-Dtype policy (docs/architecture.md): parameters float32; timestep embeddings, GroupNorm and the attention softmax
-in float32; everything else in the autocast dtype when autocast is on.
+Dtype policy: parameters float32; timestep embeddings, GroupNorm and the attention softmax in float32; everything
+else in the autocast dtype when autocast is on.
 
-Speed: ``Conv2d``, ``GroupNorm``, ``Upsample2D`` and ``Attention`` each have one ``if kernels.applies(x):`` that
-hands the same computation to a faster CPU kernel (``kernels.py``); below it is the plain PyTorch that runs
-everywhere else (CUDA, ``torch.compile``, ``DDPM_CPU_KERNELS=0``).
+Speed: ``Conv2d``, ``GroupNorm``, ``Upsample2D``, ``ResnetBlock2D`` and ``Attention`` each have one
+``if kernels.applies(...):`` that hands the same computation to a faster CPU kernel (``kernels.py``, the one door);
+below it is the plain PyTorch that runs everywhere else (CUDA, ``torch.compile``, ``DDPM_CPU_KERNELS=0``) and that
+the parity tests also run against diffusers.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "swish": nn.SiLU, "m
                                            "relu": nn.ReLU}
 
 
-# --- the two layers with a CPU kernel under them ------------------------------------------------------------------
+# --- convolution and GroupNorm ------------------------------------------------------------------------------------
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and keys); on CPU through oneDNN in channels_last (``kernels.conv2d``)."""

@@ -206,3 +206,26 @@ def test_plain_path_attention_in_autocast_dtype_and_group_norm_in_float32(monkey
             cpu = attn(x)
             assert seen["sdpa"] == [torch.float32]
             assert rel_err(cpu, plain) <= 3e-2
+
+
+def test_torch_func_grad_takes_the_plain_path() -> None:
+    # torch.func transforms cannot run the kernels' autograd Functions: the door shuts, and the gradients are
+    # autograd's (with the kernels) within float32 rounding.
+    from ddpm.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, attention_head_dim=4,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 500])
+    params = dict(unet.named_parameters())
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(unet, p, (x, t)).sample.square().mean()
+
+    got = torch.func.grad(loss)(params)
+    loss(params).backward()
+    # floored at 1% of the largest gradient, as in test_unet_parity.py (to_k.bias's is zero but for rounding)
+    floor = 1e-2 * max(p.grad.abs().max().item() for p in params.values() if p.grad is not None)
+    for name, p in params.items():
+        assert p.grad is not None, name
+        assert (got[name] - p.grad).abs().max().item() <= 1e-4 * max(p.grad.abs().max().item(), floor), name

@@ -379,3 +379,14 @@ def test_hub_id_offline_says_a_local_path_works(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="local"):
         UNet.from_pretrained("someone/nothing")
+
+
+def test_block_tables_agree_with_the_config_description() -> None:
+    from ddpm import blocks
+    from ddpm.unet_config import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES
+
+    for classes, skip_classes, described in ((blocks.DOWN_BLOCKS, blocks.SKIP_DOWN_BLOCKS, DOWN_BLOCK_TYPES),
+                                            (blocks.UP_BLOCKS, blocks.SKIP_UP_BLOCKS, UP_BLOCK_TYPES)):
+        assert set(classes) | set(skip_classes) == set(described) and not set(classes) & set(skip_classes)
+        assert {name for name, kind in described.items() if kind.resample == "fir"} == set(skip_classes)
+        assert all(cls.__name__ == name for name, cls in {**classes, **skip_classes}.items())
