@@ -4,10 +4,10 @@ runs a compiled UNet.
 Compiling traces the plain PyTorch layers: ``kernels.applies`` is false under dynamo, so the eager side of each
 comparison (which takes the CPU kernels) is an independent reference for the compiled one.
 
-Cost on 2 shared cores, measured: explain 12-14 s, the aot_eager backend (dynamo + AOTAutograd, no code generation)
-10 s forward, 17 s forward+backward; inductor 113 s forward and 233 s forward+backward under load. So inductor
-(``torch.compile``'s default) is tested on the forward pass, and forward+backward goes through aot_eager, which
-captures the same joint graph without compiling C++.
+Cost on the 2 shared cores, measured (cold inductor cache): this file 33 s at load 3 (inductor forward 21 s,
+aot_eager forward+backward 4 s, explain 3 s, Pipeline 3 s); at load 8, inductor took 113 s for the forward and
+233 s for forward+backward. So inductor (``torch.compile``'s default) is tested on the forward pass, and
+forward+backward goes through aot_eager (dynamo + AOTAutograd, no C++ build), which captures the same joint graph.
 """
 
 from __future__ import annotations
