@@ -1,267 +1,319 @@
-"""The UNet's down, mid and up blocks, and the table that maps diffusers' block-type names onto them.
+"""The UNet's down, mid and up blocks, under diffusers' class names.
 
-A down block is ``layers`` ResNet blocks (each optionally followed by self-attention) and a downsampler; its
+A down block is ``num_layers`` ResNet blocks (each optionally followed by self-attention) and a downsampler; its
 outputs after every layer and after the downsampler are the skip connections that the matching up block
 concatenates back in, newest first (Ronneberger et al. 2015; Ho et al. 2020, Appendix B). The Skip blocks are the
 score-SDE NCSN++ variant (Song et al. 2021): FIR resampling, residuals scaled by 1/sqrt(2), and an extra
 image-resolution path (``skip_sample``) carried through the network.
+
+One implementation per family, with flags: ``DownBlock`` (attention or not; downsampling by a strided
+convolution or by a ResNet block), ``UpBlock``, ``SkipDownBlock``, ``SkipUpBlock``. diffusers' block names
+(``DownBlock2D``, ``AttnDownBlock2D``, ...) are thin subclasses that add only the name, so that ``isinstance``
+checks and hooks written against diffusers find our blocks; ``DOWN_BLOCKS`` / ``UP_BLOCKS`` (and the Skip
+families' ``SKIP_DOWN_BLOCKS`` / ``SKIP_UP_BLOCKS``) map the config's block-type strings to them, and the UNet
+passes each the flags that ``unet_config.DOWN_BLOCK_TYPES`` / ``UP_BLOCK_TYPES`` list for its name (through
+``UNetConfig.down_levels()`` / ``up_levels()``). Every block creates its layers in diffusers' order (ResNet, then its attention, layer by layer), so a seed
+gives both libraries the same initial weights.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpm.kernels import norm_act_conv
-from ddpm.layers import Attention, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, fir_downsample, fir_upsample
+from ddpm.layers import (ActFn, Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, TimeEmbeddingNorm,
+                         Upsample2D, fir_downsample, fir_upsample)
+from ddpm.unet_config import attn_skip_up_groups, skip_groups, up_resnet_channels
 
-# "conv": strided 3x3 conv / nearest + 3x3 conv; "resnet": a ResNet block with avg-pool / nearest resampling.
-Resampling = Literal["conv", "resnet"]
-BlockKind = Literal["conv", "resnet", "fir"]
-
-# diffusers name -> (attention?, resampling). None = the config's downsample_type/upsample_type (as diffusers
-# does for the Attn blocks only); "fir" = the Skip blocks. Older configs spell names with a "UNetRes" prefix.
-DOWN_BLOCK_TYPES: dict[str, tuple[bool, BlockKind | None]] = {
-    "DownBlock2D": (False, "conv"),
-    "AttnDownBlock2D": (True, None),
-    "ResnetDownsampleBlock2D": (False, "resnet"),
-    "SkipDownBlock2D": (False, "fir"),
-    "AttnSkipDownBlock2D": (True, "fir"),
-}
-UP_BLOCK_TYPES: dict[str, tuple[bool, BlockKind | None]] = {
-    "UpBlock2D": (False, "conv"),
-    "AttnUpBlock2D": (True, None),
-    "ResnetUpsampleBlock2D": (False, "resnet"),
-    "SkipUpBlock2D": (False, "fir"),
-    "AttnSkipUpBlock2D": (True, "fir"),
-}
+# Activation checkpointing (Chen et al. 2016): recompute a layer in the backward pass instead of storing its
+# activations. Non-reentrant, so it composes with autocast and in-place ops.
+default_checkpointing: Callable[..., Any] = partial(checkpoint, use_reentrant=False)
 
 
-def canonical_block_type(name: str) -> str:
-    """diffusers accepts "UNetResDownBlock2D" for "DownBlock2D" (and so on); so do we."""
-    return name[len("UNetRes"):] if name.startswith("UNetRes") else name
+class _Block(nn.Module):
+    """What every block shares: the gradient-checkpointing switch that ``UNet.enable_gradient_checkpointing``
+    sets (diffusers' attribute names). As in diffusers, the ResNet layers are checkpointed (``_resnet``), the
+    attention layers and the mid block's first ResNet are not."""
 
-
-def _run(enabled: bool, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
-    # Activation checkpointing (Chen et al. 2016): recompute fn in the backward pass instead of storing its
-    # activations. Non-reentrant, so it composes with autocast and in-place ops.
-    if enabled and torch.is_grad_enabled():
-        out: Tensor = checkpoint(fn, *args, use_reentrant=False)
-        return out
-    return fn(*args)
-
-
-def _level(in_widths: list[int], channels: int, temb_channels: int, attention: bool, head_dim: int,
-           res: dict[str, Any]) -> tuple[nn.ModuleList, nn.ModuleList]:
-    # One ResNet block per input width, each followed by attention when asked. Registered as diffusers does
-    # (attentions, then resnets, then the resampler), so state dicts list alike.
-    attentions = nn.ModuleList(Attention(channels, head_dim, res["groups"], res["eps"])
-                               for _ in range(len(in_widths) if attention else 0))
-    return attentions, nn.ModuleList(ResnetBlock2D(w, channels, temb_channels, **res) for w in in_widths)
-
-
-def _resampler(kind: Resampling | None, direction: Literal["up", "down"], channels: int, temb_channels: int,
-               res: dict[str, Any], conv: Callable[[], nn.Module]) -> nn.ModuleList | None:
-    # diffusers' "downsamplers"/"upsamplers" list: Downsample2D/Upsample2D ("conv"), or a ResNet block that
-    # resamples inside (downsample_type/upsample_type "resnet")
-    if kind == "conv":
-        return nn.ModuleList([conv()])
-    if kind == "resnet":
-        return nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, resample=direction, **res)])
-    return None
-
-
-def _down_layers(block: DownBlock | SkipDownBlock, x: Tensor, temb: Tensor) -> tuple[Tensor, list[Tensor]]:
-    # Each ResNet block (then its attention, if any) in turn; every output is a skip connection for the up path
-    residuals = []
-    for i, resnet in enumerate(block.resnets):
-        x = _run(block.gradient_checkpointing, resnet, x, temb)
-        if len(block.attentions):
-            x = _run(block.gradient_checkpointing, block.attentions[i], x)
-        residuals.append(x)
-    return x, residuals
-
-
-class DownBlock(nn.Module):
-    """``layers`` ResNet blocks (+ attention) then an optional downsampler: ``[N, C_in, H, W] -> [N, C, H/2, W/2]``.
-
-    Covers DownBlock2D, AttnDownBlock2D and ResnetDownsampleBlock2D.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, layers: int, attention: bool,
-                 downsample: Resampling | None, groups: int, eps: float, act_fn: str, time_scale_shift: str,
-                 dropout: float, head_dim: int, downsample_padding: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        res: dict[str, Any] = dict(groups=groups, eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift,
-                                   dropout=dropout)
         self.gradient_checkpointing = False
-        widths = [in_channels if i == 0 else out_channels for i in range(layers)]
-        self.attentions, self.resnets = _level(widths, out_channels, temb_channels, attention, head_dim, res)
-        self.downsample = downsample
-        self.downsamplers = _resampler(downsample, "down", out_channels, temb_channels, res,
-                                       lambda: Downsample2D(out_channels, padding=downsample_padding))
+        self._gradient_checkpointing_func: Callable[..., Any] = default_checkpointing
 
-    def forward(self, x: Tensor, temb: Tensor) -> tuple[Tensor, list[Tensor]]:
-        x, residuals = _down_layers(self, x, temb)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x, temb) if self.downsample == "resnet" else self.downsamplers[0](x)
-            residuals.append(x)
-        return x, residuals
+    def _resnet(self, resnet: nn.Module, hidden_states: Tensor, temb: Tensor) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            out: Tensor = self._gradient_checkpointing_func(resnet, hidden_states, temb)
+            return out
+        return resnet(hidden_states, temb)
 
 
-class UpBlock(nn.Module):
-    """``layers`` ResNet blocks on [x, skip] concatenations (+ attention) then an optional upsampler:
-    ``[N, C_prev, H, W] -> [N, C, 2H, 2W]``. Covers UpBlock2D, AttnUpBlock2D and ResnetUpsampleBlock2D.
+def _attention(channels: int, head_dim: int, groups: int | None, eps: float, rescale: float = 1.0) -> Attention:
+    # heads = channels // head_dim, as diffusers counts them
+    return Attention(channels, heads=channels // head_dim, dim_head=head_dim, norm_num_groups=groups, eps=eps,
+                     rescale_output_factor=rescale)
 
-    ``in_channels`` is the width of the matching down level (the last skip), ``prev_channels`` the width of the
-    incoming feature map.
-    """
 
-    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int, *, layers: int,
-                 attention: bool, upsample: Resampling | None, groups: int, eps: float, act_fn: str,
-                 time_scale_shift: str, dropout: float, head_dim: int) -> None:
+# --- plain blocks -------------------------------------------------------------------------------------------------
+
+class DownBlock(_Block):
+    """``num_layers`` ResNet blocks, each followed by attention when ``attention_head_dim`` is given, then an
+    optional downsampler: ``[N, C_in, H, W] -> [N, C, H/2, W/2]`` and the skip connections (one per layer, plus
+    the downsampler's output). ``downsample``: a stride-2 convolution ("conv"), a ResNet block that average-pools
+    ("resnet"), or None (the last level)."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int,
+                 resnet_groups: int, resnet_eps: float, resnet_act_fn: ActFn,
+                 resnet_time_scale_shift: TimeEmbeddingNorm, dropout: float, attention_head_dim: int | None,
+                 downsample: Literal["conv", "resnet"] | None, downsample_padding: int = 1) -> None:
         super().__init__()
-        res: dict[str, Any] = dict(groups=groups, eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift,
-                                   dropout=dropout)
-        self.gradient_checkpointing = False
-        widths = [(prev_channels if i == 0 else out_channels) + (in_channels if i == layers - 1 else out_channels)
-                  for i in range(layers)]  # [x, skip] concatenations
-        self.attentions, self.resnets = _level(widths, out_channels, temb_channels, attention, head_dim, res)
-        self.upsample = upsample
-        self.upsamplers = _resampler(upsample, "up", out_channels, temb_channels, res,
-                                     lambda: Upsample2D(out_channels))
+        res: dict[str, Any] = dict(groups=resnet_groups, eps=resnet_eps, non_linearity=resnet_act_fn,
+                                   time_embedding_norm=resnet_time_scale_shift, dropout=dropout)
+        resnets, attentions = [], []
+        for i in range(num_layers):  # diffusers' creation order: resnet, then its attention, per layer
+            resnets.append(ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, **res))
+            if attention_head_dim is not None:
+                attentions.append(_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps))
+        # registered first, as in diffusers: the same key order; None where diffusers has no attentions either
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.resnets = nn.ModuleList(resnets)
+        self.downsamplers: nn.ModuleList | None = None
+        if downsample == "conv":
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
+        elif downsample == "resnet":
+            self.downsamplers = nn.ModuleList([ResnetBlock2D(out_channels, out_channels, temb_channels, down=True,
+                                                             **res)])
 
-    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor) -> Tensor:
-        ckpt = self.gradient_checkpointing
+    def forward(self, hidden_states: Tensor, temb: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        output_states: tuple[Tensor, ...] = ()
         for i, resnet in enumerate(self.resnets):
-            x = _run(ckpt, resnet, x, temb, skips.pop())  # on the concatenation [x, skip]
-            if len(self.attentions):
-                x = _run(ckpt, self.attentions[i], x)
+            hidden_states = self._resnet(resnet, hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
+            output_states += (hidden_states,)
+        if self.downsamplers is not None:
+            down = self.downsamplers[0]
+            hidden_states = down(hidden_states, temb) if isinstance(down, ResnetBlock2D) else down(hidden_states)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class UpBlock(_Block):
+    """``num_layers`` ResNet blocks on ``[x, skip]`` concatenations, each followed by attention when
+    ``attention_head_dim`` is given, then an optional upsampler: ``[N, C_prev, H, W] -> [N, C, 2H, 2W]``.
+    ``in_channels`` is the width of the matching down level (the last skip), ``prev_output_channel`` the width of
+    the incoming map. ``upsample``: nearest 2x + 3x3 convolution ("conv"), a ResNet block that upsamples
+    ("resnet"), or None (the last level)."""
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int, *,
+                 num_layers: int, resnet_groups: int, resnet_eps: float, resnet_act_fn: ActFn,
+                 resnet_time_scale_shift: TimeEmbeddingNorm, dropout: float, attention_head_dim: int | None,
+                 upsample: Literal["conv", "resnet"] | None) -> None:
+        super().__init__()
+        res: dict[str, Any] = dict(groups=resnet_groups, eps=resnet_eps, non_linearity=resnet_act_fn,
+                                   time_embedding_norm=resnet_time_scale_shift, dropout=dropout)
+        resnets, attentions = [], []
+        for x_channels, skip_channels in up_resnet_channels(in_channels, prev_output_channel, out_channels,
+                                                            num_layers):  # [x, skip] concatenations
+            resnets.append(ResnetBlock2D(x_channels + skip_channels, out_channels, temb_channels, **res))
+            if attention_head_dim is not None:
+                attentions.append(_attention(out_channels, attention_head_dim, resnet_groups, resnet_eps))
+        # registered first, as in diffusers: the same key order; None where diffusers has no attentions either
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers: nn.ModuleList | None = None
+        if upsample == "conv":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
+        elif upsample == "resnet":
+            self.upsamplers = nn.ModuleList([ResnetBlock2D(out_channels, out_channels, temb_channels, up=True, **res)])
+
+    def forward(self, hidden_states: Tensor, res_hidden_states_tuple: tuple[Tensor, ...], temb: Tensor) -> Tensor:
+        for i, resnet in enumerate(self.resnets):
+            skip = res_hidden_states_tuple[-1 - i]  # newest first
+            hidden_states = torch.cat([hidden_states, skip], dim=1)  # (N, C_x + C_skip, H, W)
+            hidden_states = self._resnet(resnet, hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, temb) if self.upsample == "resnet" else self.upsamplers[0](x)
-        return x
+            up = self.upsamplers[0]
+            hidden_states = up(hidden_states, temb) if isinstance(up, ResnetBlock2D) else up(hidden_states)
+        return hidden_states
 
 
-class MidBlock(nn.Module):
-    """ResNet, then (attention, ResNet) once: ``[N, C, H, W] -> [N, C, H, W]`` (diffusers' UNetMidBlock2D).
+class UNetMidBlock2D(_Block):
+    """ResNet, then (attention, ResNet): ``[N, C, H, W] -> [N, C, H, W]``. The ResNet blocks and the attention
+    divide their output by ``output_scale_factor`` (the config's ``mid_block_scale_factor``)."""
 
-    Both the ResNet blocks and the attention divide their output by ``output_scale_factor`` (the config's
-    ``mid_block_scale_factor``).
-    """
-
-    def __init__(self, channels: int, temb_channels: int, *, groups: int, attn_groups: int | None, eps: float,
-                 act_fn: str, time_scale_shift: str, dropout: float, head_dim: int, attention: bool,
-                 output_scale_factor: float) -> None:
+    def __init__(self, in_channels: int, temb_channels: int, *, resnet_groups: int, attn_groups: int | None,
+                 resnet_eps: float, resnet_act_fn: ActFn, resnet_time_scale_shift: TimeEmbeddingNorm,
+                 dropout: float, attention_head_dim: int, add_attention: bool, output_scale_factor: float) -> None:
         super().__init__()
-        res: dict[str, Any] = dict(groups=groups, eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift,
-                                   dropout=dropout, output_scale_factor=output_scale_factor)
-        self.gradient_checkpointing = False
-        self.attentions = nn.ModuleList(
-            [Attention(channels, head_dim, attn_groups, eps, output_scale_factor)] if attention else [])
-        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, **res) for _ in range(2))
+        res: dict[str, Any] = dict(groups=resnet_groups, eps=resnet_eps, non_linearity=resnet_act_fn,
+                                   time_embedding_norm=resnet_time_scale_shift, dropout=dropout,
+                                   output_scale_factor=output_scale_factor)
+        first = ResnetBlock2D(in_channels, in_channels, temb_channels, **res)
+        self.attentions = nn.ModuleList([_attention(in_channels, attention_head_dim, attn_groups, resnet_eps,
+                                                    output_scale_factor)]) if add_attention else None
+        self.resnets = nn.ModuleList([first, ResnetBlock2D(in_channels, in_channels, temb_channels, **res)])
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        ckpt = self.gradient_checkpointing
-        x = _run(ckpt, self.resnets[0], x, temb)
-        if len(self.attentions):
-            x = _run(ckpt, self.attentions[0], x)
-        return _run(ckpt, self.resnets[1], x, temb)
-
-
-def _skip_groups(channels: int) -> int:
-    # The Skip blocks size their GroupNorms from the channel count, ignoring norm_num_groups (as diffusers does).
-    return min(channels // 4, 32)
+    def forward(self, hidden_states: Tensor, temb: Tensor) -> Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb)  # not checkpointed, as in diffusers
+        if self.attentions is not None:
+            hidden_states = self.attentions[0](hidden_states)
+        return self._resnet(self.resnets[1], hidden_states, temb)
 
 
-class SkipDownBlock(nn.Module):
-    """score-SDE down block (SkipDownBlock2D, AttnSkipDownBlock2D): ResNet blocks (+ attention), then a ResNet
-    block with FIR downsampling; the image-resolution ``skip`` input ``[N, 3, H, W]`` is FIR-downsampled and
-    added through a 1x1 conv. Residual and attention outputs are divided by sqrt(2)."""
+# --- score-SDE (NCSN++) blocks ------------------------------------------------------------------------------------
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, layers: int, attention: bool,
-                 add_downsample: bool, eps: float, act_fn: str, time_scale_shift: str, dropout: float,
-                 head_dim: int) -> None:
+class SkipDownBlock(_Block):
+    """score-SDE down block: ResNet blocks (each followed by attention when ``attention_head_dim`` is given),
+    then a ResNet block with FIR downsampling; the image-resolution ``skip_sample`` ``[N, 3, H, W]`` is
+    FIR-downsampled and added through a 1x1 conv. Residual and attention outputs are divided by sqrt(2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int,
+                 resnet_eps: float, resnet_act_fn: ActFn, resnet_time_scale_shift: TimeEmbeddingNorm, dropout: float,
+                 attention_head_dim: int | None, add_downsample: bool) -> None:
         super().__init__()
-        res: dict[str, Any] = dict(eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift, dropout=dropout,
+        res: dict[str, Any] = dict(eps=resnet_eps, non_linearity=resnet_act_fn,
+                                   time_embedding_norm=resnet_time_scale_shift, dropout=dropout,
                                    output_scale_factor=math.sqrt(2.0))
-        self.gradient_checkpointing = False
-        # The attention GroupNorm is fixed at 32 groups in diffusers.
-        self.attentions = nn.ModuleList(
-            Attention(out_channels, head_dim, 32, eps, math.sqrt(2.0)) for _ in range(layers if attention else 0))
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(c, out_channels, temb_channels, groups=_skip_groups(c),
-                          groups_out=_skip_groups(out_channels), **res)
-            for c in [in_channels] + [out_channels] * (layers - 1))
+        resnets, attentions = [], []
+        for i in range(num_layers):
+            c = in_channels if i == 0 else out_channels
+            resnets.append(ResnetBlock2D(c, out_channels, temb_channels, groups=skip_groups(c),
+                                         groups_out=skip_groups(out_channels), **res))
+            if attention_head_dim is not None:  # its GroupNorm has 32 groups, fixed in diffusers
+                attentions.append(_attention(out_channels, attention_head_dim, 32, resnet_eps, math.sqrt(2.0)))
+        # registered first, as in diffusers: the same key order; None where diffusers has no attentions either
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.resnets = nn.ModuleList(resnets)
         self.resnet_down: ResnetBlock2D | None = None
         self.skip_conv: Conv2d | None = None
         if add_downsample:
             self.resnet_down = ResnetBlock2D(out_channels, out_channels, temb_channels,
-                                             groups=_skip_groups(out_channels), use_in_shortcut=True,
-                                             resample="fir_down", **res)
+                                             groups=skip_groups(out_channels), use_in_shortcut=True, down=True,
+                                             kernel="fir", **res)
             self.skip_conv = Conv2d(3, out_channels, kernel_size=1)  # 3: the RGB image path
 
-    def forward(self, x: Tensor, temb: Tensor, skip: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        x, residuals = _down_layers(self, x, temb)
+    def forward(self, hidden_states: Tensor, temb: Tensor, skip_sample: Tensor
+                ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+        output_states: tuple[Tensor, ...] = ()
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = self._resnet(resnet, hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
+            output_states += (hidden_states,)
         if self.resnet_down is not None and self.skip_conv is not None:
-            x = self.resnet_down(x, temb)
-            skip = fir_downsample(skip)  # (N, 3, H/2, W/2)
-            x = self.skip_conv(skip) + x
-            residuals.append(x)
-        return x, residuals, skip
+            hidden_states = self.resnet_down(hidden_states, temb)
+            skip_sample = fir_downsample(skip_sample)  # (N, 3, H/2, W/2)
+            hidden_states = self.skip_conv(skip_sample) + hidden_states
+            output_states += (hidden_states,)
+        return hidden_states, output_states, skip_sample
 
 
-class SkipUpBlock(nn.Module):
-    """score-SDE up block (SkipUpBlock2D, AttnSkipUpBlock2D): ResNet blocks on [x, skip-connection]
-    concatenations, one attention after the last of them, then the image path: the incoming ``skip_sample``
-    ``[N, 3, H, W]`` is FIR-upsampled and a GroupNorm-SiLU-3x3-conv projection of ``x`` to 3 channels is added;
-    ``x`` itself is FIR-upsampled by a ResNet block."""
+class SkipUpBlock(_Block):
+    """score-SDE up block: ResNet blocks on [x, skip-connection] concatenations, one attention after the last of
+    them when ``attention_head_dim`` is given, then the image path: the incoming ``skip_sample`` ``[N, 3, H, W]``
+    is FIR-upsampled and a GroupNorm-SiLU-3x3-conv projection of ``x`` to 3 channels is added; ``x`` itself is
+    FIR-upsampled by a ResNet block."""
 
-    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int, *, layers: int,
-                 attention: bool, add_upsample: bool, eps: float, act_fn: str, time_scale_shift: str,
-                 dropout: float, head_dim: int) -> None:
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int, *,
+                 num_layers: int, resnet_eps: float, resnet_act_fn: ActFn, resnet_time_scale_shift: TimeEmbeddingNorm,
+                 dropout: float, attention_head_dim: int | None, add_upsample: bool) -> None:
         super().__init__()
-        res: dict[str, Any] = dict(eps=eps, act_fn=act_fn, time_scale_shift=time_scale_shift, dropout=dropout,
+        res: dict[str, Any] = dict(eps=resnet_eps, non_linearity=resnet_act_fn,
+                                   time_embedding_norm=resnet_time_scale_shift, dropout=dropout,
                                    output_scale_factor=math.sqrt(2.0))
-        self.gradient_checkpointing = False
-        self.attentions = nn.ModuleList(
-            [Attention(out_channels, head_dim, 32, eps, math.sqrt(2.0))] if attention else [])
         resnets = []
-        for i in range(layers):
-            x_ch = prev_channels if i == 0 else out_channels
-            skip_ch = in_channels if i == layers - 1 else out_channels
-            # diffusers' AttnSkipUpBlock2D computes min(x_ch + skip_ch // 4, 32) (operator precedence); the
-            # checkpoints depend on it, so it is kept.
-            groups = min(x_ch + skip_ch // 4, 32) if attention else _skip_groups(x_ch + skip_ch)
+        for x_ch, skip_ch in up_resnet_channels(in_channels, prev_output_channel, out_channels, num_layers):
+            groups = (attn_skip_up_groups(x_ch, skip_ch) if attention_head_dim is not None
+                      else skip_groups(x_ch + skip_ch))
             resnets.append(ResnetBlock2D(x_ch + skip_ch, out_channels, temb_channels, groups=groups,
-                                         groups_out=_skip_groups(out_channels), **res))
+                                         groups_out=skip_groups(out_channels), **res))
+        # created after the ResNets, registered before them (diffusers' order for both)
+        self.attentions = nn.ModuleList([_attention(out_channels, attention_head_dim, 32, resnet_eps, math.sqrt(2.0))]
+                                        ) if attention_head_dim is not None else None
         self.resnets = nn.ModuleList(resnets)
         self.resnet_up: ResnetBlock2D | None = None
-        self.skip_norm: nn.GroupNorm | None = None
         self.skip_conv: Conv2d | None = None
+        self.skip_norm: GroupNorm | None = None
         if add_upsample:
-            g = _skip_groups(out_channels)
+            g = skip_groups(out_channels)
             self.resnet_up = ResnetBlock2D(out_channels, out_channels, temb_channels, groups=g, groups_out=g,
-                                           use_in_shortcut=True, resample="fir_up", **res)
+                                           use_in_shortcut=True, up=True, kernel="fir", **res)
             self.skip_conv = Conv2d(out_channels, 3, kernel_size=3, padding=1)
-            self.skip_norm = nn.GroupNorm(g, out_channels, eps=eps)
+            self.skip_norm = GroupNorm(g, out_channels, eps=resnet_eps)
+            self.act = nn.SiLU()
 
-    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor,
+    def forward(self, hidden_states: Tensor, res_hidden_states_tuple: tuple[Tensor, ...], temb: Tensor,
                 skip_sample: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        ckpt = self.gradient_checkpointing
-        for resnet in self.resnets:
-            x = _run(ckpt, resnet, x, temb, skips.pop())  # on the concatenation [x, skip]
-        if len(self.attentions):
-            x = _run(ckpt, self.attentions[0], x)
+        for i, resnet in enumerate(self.resnets):
+            skip = res_hidden_states_tuple[-1 - i]
+            hidden_states = self._resnet(resnet, torch.cat([hidden_states, skip], dim=1), temb)
+        if self.attentions is not None:
+            hidden_states = self.attentions[0](hidden_states)
         if skip_sample is not None:
             skip_sample = fir_upsample(skip_sample)  # (N, 3, H, W) from (N, 3, H/2, W/2)
         if self.resnet_up is not None and self.skip_norm is not None and self.skip_conv is not None:
-            projected = norm_act_conv(x, self.skip_norm, self.skip_conv.weight, self.skip_conv.bias, silu=True,
-                                      padding=1)  # (N, 3, H, W)
+            projected = self.skip_conv(self.act(self.skip_norm(hidden_states)))  # (N, 3, H, W)
             skip_sample = projected if skip_sample is None else skip_sample + projected
-            x = self.resnet_up(x, temb)
-        return x, skip_sample
+            hidden_states = self.resnet_up(hidden_states, temb)
+        return hidden_states, skip_sample
+
+
+# --- diffusers' names ---------------------------------------------------------------------------------------------
+# Each adds only its name: the flags it stands for come from unet_config.DOWN_BLOCK_TYPES / UP_BLOCK_TYPES through
+# UNet.__init__ (tests/test_unet_parity.py checks that every block gets the class its config names).
+
+class DownBlock2D(DownBlock):
+    """ResNet layers, then a stride-2 convolution (no attention)."""
+
+
+class AttnDownBlock2D(DownBlock):
+    """ResNet + attention layers, then the config's ``downsample_type``."""
+
+
+class ResnetDownsampleBlock2D(DownBlock):
+    """ResNet layers, then a ResNet block that average-pools."""
+
+
+class UpBlock2D(UpBlock):
+    """ResNet layers on [x, skip], then nearest 2x + 3x3 convolution (no attention)."""
+
+
+class AttnUpBlock2D(UpBlock):
+    """ResNet + attention layers on [x, skip], then the config's ``upsample_type``."""
+
+
+class ResnetUpsampleBlock2D(UpBlock):
+    """ResNet layers on [x, skip], then a ResNet block that upsamples (nearest)."""
+
+
+class SkipDownBlock2D(SkipDownBlock):
+    """score-SDE down block without attention."""
+
+
+class AttnSkipDownBlock2D(SkipDownBlock):
+    """score-SDE down block with attention after every ResNet layer."""
+
+
+class SkipUpBlock2D(SkipUpBlock):
+    """score-SDE up block without attention."""
+
+
+class AttnSkipUpBlock2D(SkipUpBlock):
+    """score-SDE up block with one attention after the ResNet layers."""
+
+
+# The config's block-type names -> classes, per family (unet_config.DOWN_BLOCK_TYPES / UP_BLOCK_TYPES say which).
+DOWN_BLOCKS: dict[str, type[DownBlock]] = {
+    cls.__name__: cls for cls in (DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D)}
+SKIP_DOWN_BLOCKS: dict[str, type[SkipDownBlock]] = {
+    cls.__name__: cls for cls in (SkipDownBlock2D, AttnSkipDownBlock2D)}
+UP_BLOCKS: dict[str, type[UpBlock]] = {cls.__name__: cls for cls in (UpBlock2D, AttnUpBlock2D, ResnetUpsampleBlock2D)}
+SKIP_UP_BLOCKS: dict[str, type[SkipUpBlock]] = {cls.__name__: cls for cls in (SkipUpBlock2D, AttnSkipUpBlock2D)}

@@ -1,263 +1,363 @@
-"""The UNet's compute kernels on CPU: what ``layers.py`` calls where PyTorch's defaults were measured slow.
+"""CPU kernels behind one door: faster forms of what ``layers.py`` computes, used only where ``applies(x)`` says.
 
-- ``conv2d``: every float32/bfloat16 convolution through oneDNN, channels_last in and out; at inference the weight
-  is kept in oneDNN's own layout ("prepacked") instead of being reordered on every call.
-- ``norm_act_conv``: GroupNorm -> SiLU -> convolution as one autograd Function that stores only its input.
-- ``upsample_conv``: nearest 2x upsampling then a 3x3 convolution, as 2x2 convolutions of the small map.
+``applies(x)`` is true for a CPU tensor when oneDNN is built in, the compute dtype (autocast's, or ``x``'s) is
+float32 or a bfloat16 the CPU supports, nothing is tracing the model (``torch.compile``, ``torch.jit.trace``,
+``torch.fx``, ``torch.func`` transforms), and the kernels are switched on: ``DDPM_CPU_KERNELS=0`` in the environment switches them off for
+the process, ``enabled(False)`` for a block (the parity tests run both ways). Everywhere else (CUDA, compile,
+tracing) the layers run their plain PyTorch, which is what the kernels are tested against.
 
-Each computes what the plain modules compute (the parity tests compare the UNet with diffusers'); the measurements
-behind each choice are in benchmarks/RESULTS.md and shared/PERF_NOTES.md.
+What is here, each measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, shared/PERF_NOTES.md):
+- ``conv2d``: every convolution through oneDNN in channels_last. PyTorch's own choice sends small maps to a
+  reference kernel 5-7x slower, and NCHW input makes oneDNN reorder it on every call.
+- ``group_norm``: GroupNorm in float32 with its backward written out: PyTorch's channels_last GroupNorm backward
+  is several times slower than its NCHW one.
+- ``upsample_conv``: nearest 2x upsampling then a 3x3 convolution, as four 2x2 convolutions of the small map
+  (2.25x fewer FLOPs, no 4x-size map stored for the backward pass).
+- ``norm_conv``, ``resnet_block``, ``attention_block``: a ResNet block's GroupNorm -> SiLU -> convolution pairs
+  fused (storing only their input, recomputed in the backward pass), its adds in place, and the attention's
+  q/k/v as one 1x1 convolution of the map: fewer passes over memory and fewer pages freed and refilled per step.
+  They stand in for the block's submodules, so ``applies(x, block)`` also asks that no hook waits on one.
+- ``attention``: small attention heads in float32 under bf16 autocast (CPU's bf16 flash-attention backward is
+  4x slower for head_dim 8).
+- ``PackedWeights``: convolution weights kept in oneDNN's blocked layout while they do not change
+  (``UNet.frozen_weights()``), instead of being reordered on every call.
+
+Private torch ops, each with a fallback, checked on torch 2.14.1: ``torch.ops.mkldnn._reorder_convolution_weight``
+and ``torch.ops.mkldnn._convolution_pointwise`` (without them ``PackedWeights`` packs nothing), and
+``torch.ops.mkldnn._is_mkldnn_bf16_supported`` (without it bfloat16 stays on the plain path); and, for the door,
+``torch._C._are_functorch_transforms_active`` (without it, torch.func transforms are not detected).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
+
+# --- the door -----------------------------------------------------------------------------------------------------
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+_mkldnn_ops = torch.ops.mkldnn
+_BF16 = _ONEDNN and hasattr(_mkldnn_ops, "_is_mkldnn_bf16_supported") and bool(
+    _mkldnn_ops._is_mkldnn_bf16_supported())
+_switch = [os.environ.get("DDPM_CPU_KERNELS", "1") != "0"]  # in a list: enabled() flips it for a block
+
+
+# fx.symbolic_trace (torch >= 2.7 names it apart from torch.export, which is_compiling() covers)
+_fx_tracing: Callable[[], bool] = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                                          torch.fx._symbolic_trace.is_fx_tracing)
+# torch.func transforms (grad, vmap, jacrev, ...): the kernels' autograd Functions do not support them
+_functorch_active: Callable[[], bool] = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` computes in: autocast's where autocast is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def applies(x: Tensor, module: nn.Module | None = None) -> bool:
+    """Whether the CPU kernels run for ``x``: CPU with oneDNN, float32 or (CPU-supported) bfloat16, not traced,
+    not switched off. With ``module`` (a kernel that stands in for its submodules, calling none of them), also: no
+    hooks on any submodule, so that every hook a user registered still runs."""
+    # Tracers and transforms first (torch.compile / torch.export, jit.trace, fx, torch.func): they get the plain
+    # path. Under dynamo nothing else is read, so nothing is guarded on.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing() or _functorch_active():
+        return False
+    if not (_switch[0] and _ONEDNN and x.device.type == "cpu"):
+        return False
+    dtype = compute_dtype(x)
+    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and _BF16)):
+        return False
+    return module is None or not _hooked(module)
+
+
+def _hooked(module: nn.Module) -> bool:
+    if _global_hooks():
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules() if m is not module)
+
+
+def _global_hooks() -> bool:
+    # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)
+    g = torch.nn.modules.module
+    return any(getattr(g, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Switch the kernels on or off for the calls made in this block (process-wide, not thread-local)."""
+    before = _switch[0]
+    _switch[0] = on
+    try:
+        yield
+    finally:
+        _switch[0] = before
 
 
 # --- convolution --------------------------------------------------------------------------------------------------
 
-_ONEDNN = torch.backends.mkldnn.is_available()
-# Below this many pixels (N*H*W) a convolution costs about what reordering its weights for oneDNN costs (measured).
+# Below this many pixels (N*H*W) a convolution costs about what reordering its weight for oneDNN costs (measured).
 _FEW_PIXELS = 128
 
 
-def _onednn_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype a convolution of ``x`` runs in (autocast's, where autocast is on) if oneDNN takes it, else None."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return dtype if _ONEDNN and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
-
-
-WeightFn = Callable[[], tuple[Tensor, "Tensor | None"]]  # a weight (and bias) derived from parameters, made on demand
-FrozenKey = tuple[str, tuple["Tensor | None", ...]]  # a tag, and the parameters a frozen weight is made from
-
-
-def conv2d(x: Tensor, weight: Tensor | WeightFn, bias: Tensor | None = None, stride: int = 1, padding: int = 0, *,
-           frozen_key: FrozenKey | None = None) -> Tensor:
-    """``F.conv2d`` that always takes the oneDNN kernel on CPU for float32 and bfloat16 (autocast included).
-
-    PyTorch's heuristic sends batch-1 convolutions on small maps (e.g. 256 x 8 x 8) to its slow reference kernel,
-    which ran at 49-61 GFLOP/s against up to 370 through oneDNN on our CPU (shared/PERF_NOTES.md).
-
-    ``weight`` may be a function returning ``(weight, bias)`` (a weight derived from parameters, made only when
-    needed). Inside ``frozen_weights()`` and without autograd, the weight is prepacked once and cached under
-    ``frozen_key`` = (tag, the parameters it is made from); a plain parameter is its own key.
-    """
-    if _FROZEN:  # inside frozen_weights(): the weight may be prepacked
-        if frozen_key is None and isinstance(weight, nn.Parameter):
-            frozen_key = ("", (weight, bias))
-        if (packed := _frozen(x, stride, padding, frozen_key, weight, bias)) is not None:
-            return _packed_conv(x, packed, stride, padding)
-    if not isinstance(weight, Tensor):
-        weight, bias = weight()
-    dtype = _onednn_dtype(x)
-    if dtype is None:
-        return F.conv2d(x, weight, bias, stride, padding)
-    # Cast by hand as autocast would (it does not intercept mkldnn_convolution); channels_last in and out: with
-    # NCHW input oneDNN reorders, and the output's layout spreads.
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int = 1, padding: int = 0,
+           packed: PackedWeights | None = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` through oneDNN, channels_last in and out, in
+    ``compute_dtype(x)`` (cast by hand as autocast would: it does not see ``mkldnn_convolution``). With
+    ``packed`` (inside ``UNet.frozen_weights()``), small maps without autograd use the prepacked weight."""
+    if packed is not None and (prepacked := packed.get(x, stride, padding, (weight, bias),
+                                                       lambda: (weight, bias))) is not None:
+        return _packed_conv(x, prepacked, stride, padding)
+    dtype = compute_dtype(x)
     x, weight = x.to(dtype, memory_format=torch.channels_last), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     n, c, height, width = x.shape
-    if weight.shape[2:] == (1, 1) and n * height * width < _FEW_PIXELS and not torch.is_grad_enabled():
+    if weight.shape[2:] == (1, 1) and stride == 1 and n * height * width < _FEW_PIXELS and not torch.is_grad_enabled():
         # 1x1 over few pixels: MKL's GEMM, with no weight reorder, beats oneDNN. (N*H*W, C) rows, channels_last out
         out = F.linear(x.permute(0, 2, 3, 1).reshape(-1, c), weight.flatten(1), bias)
         return out.view(n, height, width, -1).permute(0, 3, 1, 2)
     return torch.mkldnn_convolution(x, weight, bias, (padding, padding), (stride, stride), (1, 1), 1)
 
 
-# --- frozen (prepacked) weights at inference ---------------------------------------------------------------------
+# --- prepacked weights while they do not change (UNet.frozen_weights()) ------------------------------------------
 # oneDNN runs a convolution on weights in its own blocked layout and reorders a plain weight into it on every call:
-# 85-200 us per 3x3 convolution on 4x4-16x16 maps here, a third of a batch-1 forward (measured). Inside
-# ``frozen_weights()`` each weight is reordered once, on first use, and the result reused until the block ends.
-# It is opt-in and scoped because a weight changed behind autograd's back (``param.data.copy_(...)``, as diffusers'
-# EMAModel.copy_to does) cannot be detected cheaply; a change through ordinary in-place ops (an optimizer step,
-# load_state_dict) bumps the parameter's version and is picked up.
-
-# Only convolutions over at most this many pixels (N*H*W) use them: the reorder costs in proportion to the weight,
-# the convolution in proportion to N*H*W times the weight. Measured, butterflies-32, ddpm with/without, interleaved
-# in one process: batch 1 forward 1.37x faster, batch 8 1.05-1.07x (its 4x4 and 8x8 levels), batch 32 1.01x. On
-# larger maps the gain is a few per cent of the call at best, and each prepacked weight is one more long-lived
-# allocation (glibc's heap trimming, and so the page faults of every later op, shifted with them in experiments).
+# 85-200 us per 3x3 convolution on 4x4-16x16 maps here, a third of a batch-1 forward (measured). Only convolutions
+# over at most _FROZEN_PIXELS pixels (N*H*W) use packed weights: the reorder costs in proportion to the weight, the
+# convolution in proportion to N*H*W times the weight. Measured on butterflies-32, interleaved in one process: batch 1
+# forward 1.37x faster, batch 8 1.05-1.07x (its 4x4 and 8x8 levels), batch 32 1.01x.
 _FROZEN_PIXELS = 512
+_PREPACK = all(hasattr(_mkldnn_ops, op) for op in ("_reorder_convolution_weight", "_convolution_pointwise"))
 
 Packed = tuple[Tensor, "Tensor | None", torch.dtype]  # weight in oneDNN's layout, bias, the dtype they run in
-# The innermost open block's cache: slot -> (the parameters, their versions, the packed weight). Holding the
-# parameters keeps their ids, part of the slot, from being reused by new tensors while the block is open.
-_FROZEN: list[dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Any, ...], Packed]]] = []
 
 
-@contextlib.contextmanager
-def frozen_weights() -> Iterator[None]:
-    """Reuse the small-map convolution weights in oneDNN's layout for the calls made in this block without
-    autograd (CPU, float32/bfloat16). For sampling loops, where the weights do not change: ``Pipeline`` uses it."""
-    _FROZEN.append(_FROZEN[-1] if _FROZEN else {})
-    try:
-        yield
-    finally:
-        _FROZEN.pop()
+class PackedWeights:
+    """The prepacked convolution weights of one UNet inside its ``frozen_weights()`` block.
 
+    A weight is packed on first use and reused while its parameters keep their version counters and storage: an
+    optimizer step or ``load_state_dict`` (in-place ops) is seen; a write through ``param.data`` is not, which is
+    why packing is opt-in and scoped to a block. Closed at the end of the block; a copy (``copy.deepcopy`` of a
+    UNet inside the block, or pickling) is a closed, empty cache."""
 
-def _prepacks(x: Tensor) -> bool:
-    # Whether a convolution of x takes a prepacked weight (see _FROZEN_PIXELS); x: (N, C, H, W)
-    return (bool(_FROZEN) and not torch.is_grad_enabled()
-            and x.shape[0] * x.shape[2] * x.shape[3] <= _FROZEN_PIXELS)
+    def __init__(self, open: bool = True) -> None:
+        self.open = open
+        # slot -> (the parameters, their versions, the packed weight). Holding the parameters keeps their ids,
+        # part of the slot, from being reused by new tensors while the cache lives.
+        self._cache: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Any, ...], Packed]] = {}
 
+    def close(self) -> None:
+        self.open = False
+        self._cache.clear()
 
-def _frozen(x: Tensor, stride: int, padding: int, key: FrozenKey | None,
-            weight: Tensor | WeightFn, bias: Tensor | None) -> Packed | None:
-    # The packed (weight, bias, dtype) for convolving x, or None outside frozen_weights() / where it does not apply
-    if key is None or not _prepacks(x) or (dtype := _onednn_dtype(x)) is None:
-        return None
-    tag, params = key
-    slot = (tag, *(id(p) for p in params), dtype, tuple(x.shape[1:]), stride, padding)
-    versions = tuple((p._version, p.data_ptr()) if p is not None else None for p in params)
-    cached = _FROZEN[-1].get(slot)
-    if cached is not None and cached[1] == versions:
-        return cached[2]
-    if not isinstance(weight, Tensor):
-        weight, bias = weight()
-    weight = weight.to(dtype, memory_format=torch.channels_last)
-    packed = (torch.ops.mkldnn._reorder_convolution_weight(weight, [padding] * 2, [stride] * 2, [1, 1], 1,
-                                                           list(x.shape)),
-              bias.to(dtype) if bias is not None else None, dtype)
-    _FROZEN[-1][slot] = (params, versions, packed)
-    return packed
+    def __reduce__(self) -> tuple[Any, ...]:
+        return PackedWeights, (False,)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PackedWeights:
+        return PackedWeights(open=False)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {packed[2] for _, _, packed in self._cache.values()}
+
+    def get(self, x: Tensor, stride: int, padding: int, params: tuple[Tensor | None, ...],
+            make: Callable[[], tuple[Tensor, Tensor | None]]) -> Packed | None:
+        """The packed (weight, bias, dtype) for convolving ``x`` with the weight ``make()`` derives from
+        ``params``, or None where packing does not apply (autograd on, a large map, no private ops)."""
+        n, _, height, width = x.shape
+        if not (self.open and _PREPACK) or torch.is_grad_enabled() or n * height * width > _FROZEN_PIXELS:
+            return None
+        dtype = compute_dtype(x)
+        slot = (*(id(p) for p in params), dtype, tuple(x.shape[1:]), stride, padding)
+        versions = tuple((p._version, p.data_ptr()) if p is not None else None for p in params)
+        cached = self._cache.get(slot)
+        if cached is not None and cached[1] == versions:
+            return cached[2]
+        weight, bias = make()
+        weight = weight.to(dtype, memory_format=torch.channels_last)
+        packed = (_mkldnn_ops._reorder_convolution_weight(weight, [padding] * 2, [stride] * 2, [1, 1], 1,
+                                                          list(x.shape)),
+                  bias.to(dtype) if bias is not None else None, dtype)
+        self._cache[slot] = (params, versions, packed)
+        return packed
 
 
 def _packed_conv(x: Tensor, packed: Packed, stride: int, padding: int) -> Tensor:
     weight, bias, dtype = packed
     x = x.to(dtype, memory_format=torch.channels_last)
-    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1, "none",
-                                                   [], "")
+    return cast(Tensor, _mkldnn_ops._convolution_pointwise(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
+                                                           "none", [], ""))
+
+
+# --- GroupNorm ----------------------------------------------------------------------------------------------------
+
+def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.group_norm`` computed in float32 and returned in ``x``'s dtype, with a written-out backward pass."""
+    if not torch.is_grad_enabled():
+        return _group_norm_forward(x, groups, weight, bias, eps)[0].to(x.dtype)
+    return cast(Tensor, _GroupNorm.apply(x, groups, weight, bias, eps))
+
+
+def _group_norm_forward(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    # PyTorch's kernel in float32 (its bf16 channels_last kernel is up to 10x slower): output, mean and 1/std (N, G)
+    n, c, height, width = x.shape
+    return torch.ops.aten.native_group_norm(x.float(), weight.float(), bias.float(), n, c, height * width, groups,
+                                            eps)
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        out, mean, rstd = _group_norm_forward(x, groups, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _group_norm_backward(grad.to(x.dtype), x, weight, mean, rstd)
+        return grad_x, None, grad_weight, grad_bias, None
+
+
+def _group_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                         out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """GroupNorm's backward pass (Wu & He 2018): with xhat = (x - mean) rstd and g = dL/dy, per group
+    dx = rstd (w g - E[w g] - xhat E[w g xhat]) = scale g + a x + b, with per-(sample, channel) scale, a, b.
+    ``grad``, ``x``: ``[N, C, H, W]``; ``mean``, ``rstd``: ``[N, G]``. ``out``: a buffer for dx (may be ``grad``
+    itself, which is read before it is written)."""
+    n, c, height, width = x.shape
+    groups = mean.shape[1]
+    # (bf16 sums accumulate in float32 inside the kernel; only the per-channel totals are rounded)
+    product = torch.mul(grad, x) if out is None or out is grad else torch.mul(grad, x, out=out)  # out: scratch first
+    sums = torch.stack([grad.sum((2, 3)), product.sum((2, 3))]).float()
+    sum_g, sum_gx = sums.view(2, n, groups, -1)  # (N, G, C/G) each
+    sum_gxhat = (sum_gx - mean[:, :, None] * sum_g).mul_(rstd[:, :, None])
+    count = height * width * (c // groups)
+    w = weight.float().view(groups, -1)
+    e_wg, e_wgxhat = (w * sum_g).sum(-1).div_(count), (w * sum_gxhat).sum(-1).div_(count)  # (N, G)
+    a = -rstd.square() * e_wgxhat
+    b = torch.addcmul(-rstd * e_wg, a, mean, value=-1.0)
+    scale = (w * rstd[:, :, None]).view(n, c, 1, 1).to(x.dtype)
+    a, b = (t[:, :, None].expand_as(sum_g).reshape(n, c, 1, 1).to(x.dtype) for t in (a, b))
+    if out is None:
+        grad_x = torch.addcmul(b, x, a).addcmul_(grad, scale)
+    else:  # out = grad * scale + (x * a + b), written over grad where out is grad
+        grad_x = out.mul_(scale) if out is grad else torch.mul(grad, scale, out=out)
+        grad_x.addcmul_(x, a).add_(b)
+    return grad_x, sum_gxhat.sum(0).view(c).to(weight.dtype), sum_g.sum(0).view(c).to(weight.dtype)
 
 
 # --- GroupNorm -> SiLU -> convolution, fused ---------------------------------------------------------------------
-# Every GroupNorm in the UNet feeds a convolution, through SiLU or directly (the attention's q/k/v projection).
-# On CPU the three are one autograd Function that stores only its input and the group statistics and recomputes the
-# normalised map in the backward pass (selective recomputation, Chen et al. 2016; storing the normalised and the
-# activated maps cost two activations per norm). Its backward is written out: PyTorch's channels_last GroupNorm
-# backward kernel is 2-4x slower than its NCHW one (10x under bf16).
+# Every GroupNorm in a ResNet block feeds a convolution through SiLU, and the attention's feeds its q/k/v
+# projection (a 1x1 convolution of the map). Fused, the three store only their input and the group statistics and
+# recompute the normalised map in the backward pass (selective recomputation, Chen et al. 2016): per GroupNorm
+# two fewer stored maps, and fewer freed and refilled pages of memory per step.
 
-def _group_affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, dtype: torch.dtype
-                  ) -> tuple[Tensor, Tensor]:
-    """GroupNorm's ``(x - mean) * rstd * weight + bias`` as ``x * scale + shift``: scale, shift ``(N, C, 1, 1)``,
-    computed in float32 and handed out in ``dtype``, the activations' (one rounding under bf16 autocast)."""
-    n, groups = mean.shape
-    scale = weight.float().view(groups, -1) * rstd[:, :, None]  # (N, G, C/G)
-    shift = torch.addcmul(bias.float().view(groups, -1), mean[:, :, None], scale, value=-1.0)
-    return scale.view(n, -1, 1, 1).to(dtype), shift.view(n, -1, 1, 1).to(dtype)
-
-
-def _norm_act(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """``silu(group_norm(x))`` in float32 and the group mean, 1/std ``(N, G)``: PyTorch's kernel, fast forward in
-    float32 (a bf16 x is copied: its bf16 channels_last kernel is up to 10x slower)."""
-    n, c, height, width = x.shape
-    h, mean, rstd = torch.ops.aten.native_group_norm(x.float(), weight.float(), bias.float(), n, c, height * width,
-                                                     groups, eps)
-    return (F.silu(h, inplace=True) if silu else h), mean, rstd
+def norm_conv(x: Tensor, norm: nn.GroupNorm, weight: Tensor, bias: Tensor | None, *, silu: bool, padding: int,
+              packed: PackedWeights | None = None) -> Tensor:
+    """``conv2d(silu(norm(x)))`` (or without the SiLU), stride 1, ``[N, C, H, W] -> [N, O, H, W]``: statistics
+    and the affine map in float32, the convolution in ``compute_dtype(x)``."""
+    dtype = compute_dtype(x)
+    if not torch.is_grad_enabled():  # inference: no Function, nothing saved, SiLU in place
+        h = _group_norm_forward(x, norm.num_groups, norm.weight, norm.bias, norm.eps)[0]
+        h = F.silu(h, inplace=True) if silu else h
+        return conv2d(h.to(dtype), weight, bias, padding=padding, packed=packed)
+    return cast(Tensor, _NormConv.apply(x, norm.weight, norm.bias, weight.to(dtype),
+                                        bias.to(dtype) if bias is not None else None, norm.num_groups, norm.eps,
+                                        silu, padding))
 
 
-class _NormActConv(torch.autograd.Function):
-    # With ``skip``, the input is the concatenation [x, skip] (the up path). The backward pass works on the two
-    # parts, which are stored anyway: the concatenation is neither stored nor rebuilt.
+class _NormConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, skip: Tensor | None, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor,
-                bias: Tensor | None, groups: int, eps: float, silu: bool, padding: int) -> Tensor:
-        h, mean, rstd = _norm_act(concat_skip(x, skip), norm_weight, norm_bias, groups, eps, silu)
-        ctx.save_for_backward(x, skip, norm_weight, norm_bias, weight, mean, rstd)
-        ctx.config = silu, padding
+    def forward(ctx: Any, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor | None,
+                groups: int, eps: float, silu: bool, padding: int) -> Tensor:
+        h, mean, rstd = _group_norm_forward(x, groups, norm_weight, norm_bias, eps)
+        h = F.silu(h, inplace=True) if silu else h
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
+        ctx.config = silu, padding, bias is not None
         h = h.to(weight.dtype, memory_format=torch.channels_last)
         return torch.mkldnn_convolution(h, weight, bias, (padding, padding), (1, 1), (1, 1), 1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, skip, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
-        parts = (x,) if skip is None else (x, skip)
-        silu, padding = ctx.config
-        n, groups = mean.shape
-        c, height, width = norm_weight.shape[0], x.shape[2], x.shape[3]
-        scale, shift = _group_affine(norm_weight, norm_bias, mean, rstd, x.dtype)
-        # Full-size temporaries set the backward pass's memory peak: each is dropped or reused once read.
-        z = _by_parts(parts, scale, shift, out=torch.empty((n, c, height, width), dtype=x.dtype, device=x.device,
-                                                           memory_format=torch.channels_last))  # recomputed
+        x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
+        silu, padding, has_bias = ctx.config
+        z = _normalised(x, norm_weight, norm_bias, mean, rstd)  # recomputed
         h = F.silu(z, inplace=True) if silu else z  # the convolution's input, in z's buffer
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_h, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad, h.to(weight.dtype), weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-            [True, True, False])
-        # The bias gradient as one column sum: oneDNN's own took up to 10x longer.
-        grad_bias = grad.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
-        del grad
+        grad_h, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, h.to(weight.dtype), weight, [weight.shape[0]] if has_bias else None, [1, 1], [padding, padding],
+            [1, 1], False, [0, 0], 1, [True, True, has_bias])
         grad_z = grad_h.to(x.dtype)
         if silu:  # recomputing z once more is cheaper than holding it next to h
-            z = _by_parts(parts, scale, shift, out=h)
+            z = _normalised(x, norm_weight, norm_bias, mean, rstd, out=h)
             grad_z = torch.ops.aten.silu_backward.grad_input(grad_z, z, grad_input=grad_z)
-        # GroupNorm backward (Wu & He 2018): with xhat = (x - mean) rstd and g = dL/dz, per group
-        # dx = rstd (w g - E[w g] - xhat E[w g xhat]) = scale g + a x + b. (bf16 sums accumulate in float32 inside
-        # the kernel, 2-4x faster than asking for a float32 result; only the per-channel totals are rounded.)
-        sums = torch.stack([grad_z.sum((2, 3)), _by_parts(parts, grad_z, None, out=z).sum((2, 3))]).float()
-        sum_g, sum_gx = sums.view(2, n, groups, -1)  # (N, G, C/G) each
-        sum_gxhat = (sum_gx - mean[:, :, None] * sum_g).mul_(rstd[:, :, None])
-        count = height * width * (c // groups)
-        w = norm_weight.float().view(groups, -1)
-        e_wg, e_wgxhat = (w * sum_g).sum(-1).div_(count), (w * sum_gxhat).sum(-1).div_(count)  # (N, G)
-        a = -rstd.square() * e_wgxhat
-        b = torch.addcmul(-rstd * e_wg, a, mean, value=-1.0)
-        a, b = (t[:, :, None].expand_as(sum_g).reshape(n, c, 1, 1).to(x.dtype) for t in (a, b))
-        grad_x = _by_parts(parts, a, b, out=z).addcmul_(grad_z, scale)
-        grad_parts: tuple[Tensor, Tensor | None] = (grad_x, None)
-        if skip is not None:  # the skip's share as a compact copy: a slice would keep all of grad_x alive until
-            split = x.shape[1]  # the down path's backward reaches the skip (torch.cat's backward does that)
-            grad_parts = grad_x[:, :split], grad_x[:, split:].contiguous(memory_format=torch.channels_last)
-        return (*grad_parts, sum_gxhat.sum(0).view(c), sum_g.sum(0).view(c), grad_weight, grad_bias, None, None,
-                None, None)
+        grad_x, grad_norm_weight, grad_norm_bias = _group_norm_backward(grad_z, x, norm_weight, mean, rstd, out=z)
+        return grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None, None, None
 
 
-def _by_parts(parts: tuple[Tensor, ...], scale: Tensor, shift: Tensor | None, out: Tensor) -> Tensor:
-    # out = concat(parts) * scale (+ shift), part by part: the concatenation is never built
-    start = 0
-    for part in parts:
-        end = start + part.shape[1]
-        if shift is None:
-            torch.mul(part, scale[:, start:end], out=out[:, start:end])
-        else:
-            torch.addcmul(shift[:, start:end], part, scale[:, start:end], out=out[:, start:end])
-        start = end
-    return out
+def _normalised(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, out: Tensor | None = None
+                ) -> Tensor:
+    # GroupNorm's output x * scale + shift, from its statistics, in x's dtype (scale and shift made in float32)
+    n, c = x.shape[:2]
+    groups = mean.shape[1]
+    scale = weight.float().view(groups, -1) * rstd[:, :, None]  # (N, G, C/G)
+    shift = torch.addcmul(bias.float().view(groups, -1), mean[:, :, None], scale, value=-1.0)
+    scale, shift = scale.view(n, c, 1, 1).to(x.dtype), shift.view(n, c, 1, 1).to(x.dtype)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+    return torch.addcmul(shift, x, scale, out=out)
 
 
-def concat_skip(x: Tensor, skip: Tensor | None) -> Tensor:
-    return torch.cat([x, skip], dim=1) if skip is not None else x  # (N, C_x + C_skip, H, W)
+# --- the ResNet block and the attention layer in fewer passes -------------------------------------------------
+# They compute what layers.ResnetBlock2D / layers.Attention compute, from the same parameters, without calling
+# their submodules one by one (applies(x, block) makes sure no hook is waiting on one).
+
+def resnet_block(block: Any, x: Tensor, temb: Tensor) -> Tensor:
+    """``layers.ResnetBlock2D`` (time_embedding_norm "default", SiLU, no resampling, no dropout): both
+    GroupNorm -> SiLU -> conv pairs fused, and the time embedding and the residual added in place (to
+    convolution outputs, which no backward formula reads)."""
+    h = norm_conv(x, block.norm1, block.conv1.weight, block.conv1.bias, silu=True, padding=1, packed=block.conv1.packed)
+    t = block.time_emb_proj(F.silu(temb))[:, :, None, None]  # (N, C_out, 1, 1)
+    h = norm_conv(h.add_(t), block.norm2, block.conv2.weight, block.conv2.bias, silu=True, padding=1,
+                  packed=block.conv2.packed)
+    shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
+    h = _add(h, shortcut)
+    return h.div_(block.output_scale_factor) if block.output_scale_factor != 1.0 else h
 
 
-def norm_act_conv(x: Tensor, norm: nn.GroupNorm, weight: Tensor | WeightFn, bias: Tensor | None = None, *,
-                  silu: bool, padding: int = 0, skip: Tensor | None = None, frozen_key: FrozenKey | None = None
-                  ) -> Tensor:
-    """``conv2d(silu(norm(x)))`` (or without the SiLU), stride 1: ``[N, C, H, W] -> [N, C_out, H, W]``; with
-    ``skip`` ``[N, C_skip, H, W]``, of the concatenation ``[x, skip]``. ``weight`` and ``frozen_key`` as in
-    ``conv2d``.
+def attention_block(attn: Any, x: Tensor) -> Tensor:
+    """``layers.Attention`` with q, k and v as one 1x1 convolution of the map (fused with the GroupNorm) and the
+    output projection as another: oneDNN's GEMM, 2x MKL's speed on this CPU, and no token copies."""
+    n, c, height, width = x.shape
+    qkv_weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])[:, :, None, None]  # (3 I, C)
+    qkv_bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+    if attn.group_norm is not None:  # (N, 3 I, H, W)
+        qkv = norm_conv(x, attn.group_norm, qkv_weight, qkv_bias, silu=False, padding=0)
+    else:
+        qkv = conv2d(x, qkv_weight, qkv_bias)
+    # views (channels_last: tokens are rows); split along channels, so that their gradients meet in one cat
+    q, k, v = (rearrange(t, "b (n d) x y -> b n (x y) d", n=attn.heads) for t in qkv.chunk(3, dim=1))
+    out = rearrange(attention(q, k, v), "b n (x y) d -> b (n d) x y", x=height)  # channels_last view
+    proj = attn.to_out[0]
+    out = _add(conv2d(out, proj.weight[:, :, None, None], proj.bias), x)  # + residual
+    return out.div_(attn.rescale_output_factor) if attn.rescale_output_factor != 1.0 else out
 
-    Fused on CPU for float32 and bfloat16 (autocast): statistics and the affine map in float32, the convolution
-    in the autocast dtype. Elsewhere the plain modules.
-    """
-    dtype = _onednn_dtype(x)
-    if dtype is None:
-        h = norm(concat_skip(x, skip))
-        return conv2d(F.silu(h) if silu else h, weight, bias, padding=padding, frozen_key=frozen_key)
-    if not torch.is_grad_enabled():  # inference: no Function, nothing saved
-        h = _norm_act(concat_skip(x, skip), norm.weight, norm.bias, norm.num_groups, norm.eps, silu)[0]
-        return conv2d(h.to(dtype), weight, bias, padding=padding, frozen_key=frozen_key)
-    if not isinstance(weight, Tensor):
-        weight, bias = weight()
-    return cast(Tensor, _NormActConv.apply(x, skip, norm.weight, norm.bias, weight.to(dtype),
-                                           bias.to(dtype) if bias is not None else None, norm.num_groups, norm.eps,
-                                           silu, padding))
+
+def _add(h: Tensor, residual: Tensor) -> Tensor:
+    # h + residual, in h's memory where the result has h's dtype (h: a convolution's output, read by no backward)
+    return h.add_(residual) if torch.result_type(h, residual) == h.dtype else h + residual
 
 
 # --- nearest 2x upsampling -> 3x3 convolution ------------------------------------------------------------------
@@ -270,23 +370,25 @@ _UPSAMPLE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # phase 0: 
 _UPSAMPLE_FOLD = torch.einsum("atk,bul->abtukl", _UPSAMPLE_TAPS, _UPSAMPLE_TAPS).reshape(16, 9)
 
 
-def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``conv3x3(nearest_upsample_2x(x))`` with padding 1, ``[N, C, H, W] -> [N, O, 2H, 2W]``, computed as one 2x2
+def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedWeights | None = None) -> Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` with padding 1, ``[N, C, H, W] -> [N, O, 2H, 2W]``, as one 2x2
     convolution of ``x`` per output phase: the same sums grouped differently, with 2.25x fewer FLOPs and no
     4x-size upsampled map (the largest tensor a training step would otherwise store)."""
     n, _, height, width = x.shape
-    if n * height * width < 2 * _FEW_PIXELS and not _prepacks(x):
+    prepacked = packed.get(x, 1, 1, (weight, bias), lambda: _phase_weights(weight, bias)) if packed else None
+    if prepacked is None and n * height * width < 2 * _FEW_PIXELS:
         # weight-bound: reordering the phase kernels (16/9 the size of the 3x3 one) costs more than it saves
         return conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
     # y[:, 4o + 2a + b, i + a, j + b] is output pixel (2i + a, 2j + b) of channel o: (N, 4 O, H + 1, W + 1)
-    y = conv2d(x, lambda: _phase_weights(weight, bias), padding=1, frozen_key=("phases", (weight, bias)))
+    y = _packed_conv(x, prepacked, 1, 1) if prepacked is not None else conv2d(x, *_phase_weights(weight, bias),
+                                                                             padding=1)
     return cast(Tensor, _InterleavePhases.apply(y.contiguous(memory_format=torch.channels_last)))
 
 
 def _phase_weights(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    # (4 O, C, 2, 2), output channels ordered (o, a, b); channels_last like the 3x3 weights
+    # (4 O, C, 2, 2), output channels ordered (o, a, b); channels_last
     out, cin = weight.shape[:2]
-    w = weight.permute(0, 2, 3, 1).reshape(out, 9, cin)  # (O, 3*3, C): a view of channels_last weights
+    w = weight.permute(0, 2, 3, 1).reshape(out, 9, cin)  # (O, 3*3, C)
     phase_weight = torch.matmul(_UPSAMPLE_FOLD.to(w), w).view(4 * out, 2, 2, cin).permute(0, 3, 1, 2)
     return phase_weight, bias.repeat_interleave(4) if bias is not None else None
 
@@ -313,3 +415,17 @@ class _InterleavePhases(torch.autograd.Function):
         phases = _InterleavePhases.phases(grad_y)
         phases.copy_(grad.permute(0, 2, 3, 1).reshape(phases.shape))
         return grad_y
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)``, ``[N, heads, L, d]``. The softmax runs in float32 either way
+    (the CPU flash kernel accumulates bf16 in float32); for heads narrower than 64 the inputs go in as float32
+    too: CPU's bf16 flash-attention backward is 4x slower there (diffusers' default head_dim is 8), while for
+    wide heads (e.g. 256) it is 1.2x faster than float32."""
+    dtype = compute_dtype(q)
+    if q.shape[-1] >= 64 or dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)

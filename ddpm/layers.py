@@ -1,12 +1,17 @@
-"""The UNet's layers: timestep embeddings, the ResNet block, spatial self-attention and resampling.
+"""The UNet's layers, in plain PyTorch: timestep embeddings, the ResNet block, spatial self-attention, resampling.
 
-Attribute names follow diffusers (``norm1``, ``conv1``, ``time_emb_proj``, ``to_q``, ``to_out.0``, ...) so that a
-diffusers ``UNet2DModel`` state dict loads with ``strict=True``. Parameters that diffusers has and we do not need
-(dropout modules, the unused ``Timesteps`` object) carry no weights, so leaving them out changes no key.
+Class and attribute names are diffusers' (``ResnetBlock2D.norm1``, ``Attention.to_q``, ``to_out.0``, ...), so a
+diffusers ``UNet2DModel`` state dict loads with ``strict=True`` and hooks or ``isinstance`` checks written against
+diffusers' modules find ours. Every module is created in diffusers' order, drawing the same random numbers, so
+``torch.manual_seed(s)`` gives both libraries the same initial weights.
 
-Layout and speed (measured on a 2-core AVX-512 CPU, shared/PERF_NOTES.md): the UNet runs in channels_last; the
-convolutions, the fused GroupNorm -> SiLU -> convolution and the upsampling convolution are in ``kernels.py``; no
-division by an output scale factor of 1.0 is issued.
+Dtype policy: parameters float32; timestep embeddings, GroupNorm and the attention softmax in float32; everything
+else in the autocast dtype when autocast is on.
+
+Speed: ``Conv2d``, ``GroupNorm``, ``Upsample2D``, ``ResnetBlock2D`` and ``Attention`` each have one
+``if kernels.applies(...):`` that hands the same computation to a faster CPU kernel (``kernels.py``, the one door);
+below it is the plain PyTorch that runs everywhere else (CUDA, ``torch.compile``, ``DDPM_CPU_KERNELS=0``) and that
+the parity tests also run against diffusers.
 """
 
 from __future__ import annotations
@@ -20,33 +25,35 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ddpm.kernels import concat_skip, conv2d, norm_act_conv, upsample_conv
+from ddpm import kernels
 
 ActFn = Literal["silu", "swish", "mish", "gelu", "relu"]
-TimeScaleShift = Literal["default", "scale_shift"]
-# How a ResNet block changes resolution: nearest/avg-pool ("up"/"down", diffusers' resnet up/down types) or the
-# FIR filter of the score-SDE models ("fir_up"/"fir_down", used by the Skip blocks).
-Resample = Literal["up", "down", "fir_up", "fir_down"]
+TimeEmbeddingNorm = Literal["default", "scale_shift"]
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU,
+                                           "relu": nn.ReLU}
+
+
+# --- convolution and GroupNorm ------------------------------------------------------------------------------------
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and keys) running through ``kernels.conv2d``. Square kernels, zero padding."""
+    """``nn.Conv2d`` (same parameters and keys); on CPU through oneDNN in channels_last (``kernels.conv2d``)."""
+
+    packed: kernels.PackedWeights | None = None  # set inside UNet.frozen_weights()
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv2d(x, self.weight, self.bias, self.stride[0], cast(int, self.padding[0]))
+        if kernels.applies(x):
+            return kernels.conv2d(x, self.weight, self.bias, self.stride[0], cast(int, self.padding[0]), self.packed)
+        return super().forward(x)
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` computed in float32 (statistics and affine map) and returned in the input's dtype."""
 
-# --- activations -------------------------------------------------------------------------------------------------
-# In place at inference only. In training, in-place SiLU and Mish clone their input for the backward pass anyway,
-# and an in-place op on a module's output breaks the user's full backward hooks on that module.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": lambda x: F.silu(x, inplace=not x.requires_grad),
-    "swish": lambda x: F.silu(x, inplace=not x.requires_grad),
-    "mish": lambda x: F.mish(x, inplace=not x.requires_grad),
-    "relu": lambda x: F.relu(x, inplace=not x.requires_grad),
-    "gelu": F.gelu,
-}
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.applies(x):  # the same, with a channels_last backward 3-4x faster than PyTorch's
+            return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 # --- timestep embeddings ------------------------------------------------------------------------------------------
@@ -57,8 +64,7 @@ def sinusoidal_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool = Fa
 
     The Transformer positional encoding (Vaswani et al. 2017, Sec. 3.5) applied to the timestep, as in DDPM
     (Ho et al. 2020, Appendix B): frequencies ``exp(-ln(max_period) * i / (dim/2 - freq_shift))``, sines then
-    cosines (cosines first with ``flip_sin_to_cos``), zero-padded when ``dim`` is odd. Computed in float32 every
-    call (a few hundred flops), so a half-precision model never holds a rounded frequency table.
+    cosines (cosines first with ``flip_sin_to_cos``), zero-padded when ``dim`` is odd.
     """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
@@ -71,51 +77,47 @@ def sinusoidal_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool = Fa
     return emb
 
 
-class SinusoidalTimestepEmbedding(nn.Module):
-    """Parameter-free ``[N] -> [N, dim]`` positional embedding (diffusers' ``Timesteps``)."""
+class Timesteps(nn.Module):
+    """Parameter-free ``[N] -> [N, num_channels]`` sinusoidal embedding of the timestep."""
 
-    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> None:
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float) -> None:
         super().__init__()
-        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+        self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift = (num_channels, flip_sin_to_cos,
+                                                                              downscale_freq_shift)
 
     def forward(self, timesteps: Tensor) -> Tensor:
-        return sinusoidal_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.freq_shift)
+        return sinusoidal_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift)
 
 
-class GaussianFourierEmbedding(nn.Module):
-    """Random Fourier features of ``log(sigma)``, ``[N] -> [N, 2 * dim]`` (Song et al. 2021, score-SDE NCSN++;
-    Tancik et al. 2020). The frequencies are a frozen parameter named ``weight`` as in diffusers."""
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of ``log(sigma)``, ``[N] -> [N, 2 * embedding_size]``, sines then cosines (Song et
+    al. 2021, score-SDE NCSN++; Tancik et al. 2020). The frequencies are a frozen parameter named ``weight``."""
 
-    def __init__(self, dim: int, scale: float = 16.0) -> None:
+    def __init__(self, embedding_size: int, scale: float = 1.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(dim) * scale, requires_grad=False)
+        # diffusers draws the frequencies twice and keeps the second draw; so do we, so that seeds agree.
+        torch.randn(embedding_size)
+        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
 
     def forward(self, sigmas: Tensor) -> Tensor:
-        x = torch.log(sigmas)[:, None] * self.weight.float()[None, :] * (2 * math.pi)  # (N, dim), fp32
+        x = torch.log(sigmas)[:, None] * self.weight.float()[None, :] * (2 * math.pi)  # (N, embedding_size)
         return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
 
 
 class TimestepEmbedding(nn.Module):
     """The two-layer MLP on the timestep features: ``linear_1 -> SiLU -> linear_2``."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_channels: int, time_embed_dim: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, out_dim)
-        self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(ACTIVATIONS["silu"](self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 # --- resampling ---------------------------------------------------------------------------------------------------
-
-def nearest_upsample(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
-def avgpool_downsample(x: Tensor) -> Tensor:
-    return F.avg_pool2d(x, kernel_size=2, stride=2)
-
 
 def _fir_kernel(x: Tensor, gain: float) -> Tensor:
     # The separable [1, 3, 3, 1] binomial filter of score-SDE / StyleGAN2 (Karras et al. 2020), normalised to sum
@@ -137,9 +139,12 @@ def fir_downsample(x: Tensor) -> Tensor:
     return F.conv2d(x, _fir_kernel(x, gain=1.0), stride=2, padding=1, groups=x.shape[1])
 
 
-RESAMPLERS: dict[str, Callable[[Tensor], Tensor]] = {
-    "up": nearest_upsample, "down": avgpool_downsample, "fir_up": fir_upsample, "fir_down": fir_downsample,
-}
+def nearest_upsample(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def avgpool_downsample(x: Tensor) -> Tensor:
+    return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
 class Downsample2D(nn.Module):
@@ -151,21 +156,25 @@ class Downsample2D(nn.Module):
         self.padding = padding
         self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor) -> Tensor:
         if self.padding == 0:
-            x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
+            hidden_states = F.pad(hidden_states, (0, 1, 0, 1))
+        return self.conv(hidden_states)
 
 
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling by 2 followed by a 3x3 convolution, ``[N, C, H, W] -> [N, C, 2H, 2W]``."""
 
+    packed: kernels.PackedWeights | None = None  # set inside UNet.frozen_weights()
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv(x, self.conv.weight, self.conv.bias)
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if kernels.applies(hidden_states):  # the same sums as 2x2 convolutions of the small map
+            return kernels.upsample_conv(hidden_states, self.conv.weight, self.conv.bias, self.packed)
+        return self.conv(nearest_upsample(hidden_states))
 
 
 # --- ResNet block -------------------------------------------------------------------------------------------------
@@ -173,81 +182,60 @@ class Upsample2D(nn.Module):
 class ResnetBlock2D(nn.Module):
     """Pre-activation residual block with timestep conditioning (Ho et al. 2020, Appendix B; He et al. 2016).
 
-    ``x: [N, C_in, H, W]``, ``temb: [N, T]`` **already passed through the activation** (the UNet applies it once
-    for all blocks; diffusers recomputes the same value in every block). Returns ``[N, C_out, H', W']`` where
-    ``H'`` is ``H`` changed by ``resample``.
+    ``input_tensor: [N, in_channels, H, W]``, ``temb: [N, temb_channels]`` (the time embedding before the
+    activation, as in diffusers). Returns ``[N, out_channels, H', W']``, where ``up``/``down`` double or halve
+    ``H`` and ``W`` (nearest / average pooling, or the FIR filter with ``kernel="fir"``).
 
-    ``time_scale_shift="default"`` adds the projected embedding before ``norm2``; ``"scale_shift"`` applies it as
-    FiLM after ``norm2``: ``h * (1 + scale) + shift`` (Dhariwal & Nichol 2021, "AdaGN").
+    ``time_embedding_norm="default"`` adds the projected embedding before ``norm2``; ``"scale_shift"`` applies it
+    as FiLM after ``norm2``: ``h * (1 + scale) + shift`` (Dhariwal & Nichol 2021, "AdaGN"). The output is
+    ``(shortcut(x) + h) / output_scale_factor``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int,
-                 groups_out: int | None = None, eps: float = 1e-6, act_fn: ActFn = "silu",
-                 time_scale_shift: TimeScaleShift = "default", dropout: float = 0.0, output_scale_factor: float = 1.0,
-                 use_in_shortcut: bool | None = None, resample: Resample | None = None) -> None:
+                 groups_out: int | None = None, eps: float = 1e-6, non_linearity: ActFn = "silu",
+                 time_embedding_norm: TimeEmbeddingNorm = "default", dropout: float = 0.0,
+                 output_scale_factor: float = 1.0, use_in_shortcut: bool | None = None, up: bool = False,
+                 down: bool = False, kernel: Literal["fir"] | None = None) -> None:
         super().__init__()
-        self.act = ACTIVATIONS[act_fn]
-        self.scale_shift = time_scale_shift == "scale_shift"
-        self.dropout = dropout
+        self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
-        self.resample = RESAMPLERS[resample] if resample is not None else None
-
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels if self.scale_shift else out_channels)
-        self.norm2 = nn.GroupNorm(groups_out if groups_out is not None else groups, out_channels, eps=eps)
+        scale_shift = time_embedding_norm == "scale_shift"
+        self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels if scale_shift else out_channels)
+        self.norm2 = GroupNorm(groups_out if groups_out is not None else groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nonlinearity = ACTIVATIONS[non_linearity]()
+        self.resample: Callable[[Tensor], Tensor] | None = None
+        if up:
+            self.resample = fir_upsample if kernel == "fir" else nearest_upsample
+        elif down:
+            self.resample = fir_downsample if kernel == "fir" else avgpool_downsample
         if use_in_shortcut is None:
             use_in_shortcut = in_channels != out_channels
         self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1) if use_in_shortcut else None
-        # GroupNorm -> SiLU -> conv pairs run fused (norm_act_conv) unless something sits between them.
-        self.fusable = act_fn in ("silu", "swish") and resample is None and not self.scale_shift
+        # the options kernels.resnet_block covers
+        self.fusable = (time_embedding_norm == "default" and non_linearity in ("silu", "swish")
+                        and self.resample is None and dropout == 0.0)
 
-    def forward(self, x: Tensor, temb: Tensor, skip: Tensor | None = None) -> Tensor:
-        """``skip``: the up path's skip connection, taken as concatenated to ``x`` along channels."""
-        if skip is not None and not torch.is_grad_enabled():  # inference: one concatenation serves both paths
-            x, skip = concat_skip(x, skip), None
-        if self.fusable and not (self.dropout > 0.0 and self.training):
-            h = norm_act_conv(x, self.norm1, self.conv1.weight, self.conv1.bias, silu=True, padding=1, skip=skip)
-            t = self.time_emb_proj(temb)[:, :, None, None]  # (N, C_out, 1, 1)
-            # conv1's output is read by no backward formula: safe in place
-            h = norm_act_conv(h.add_(t), self.norm2, self.conv2.weight, self.conv2.bias, silu=True, padding=1)
-            residual = self._shortcut(x, skip)
-        else:
-            x = concat_skip(x, skip)
-            h = self._unfused(x, temb)
-            residual = self._shortcut(self.resample(x) if self.resample is not None else x, None)
-        h = h.add_(residual)
-        if self.output_scale_factor != 1.0:
-            h = h.div_(self.output_scale_factor)
-        return h
-
-    def _shortcut(self, x: Tensor, skip: Tensor | None) -> Tensor:
-        if self.conv_shortcut is None:
-            return concat_skip(x, skip)
-        if skip is None:
-            return self.conv_shortcut(x)
-        # The 1x1 shortcut of [x, skip] as the sum of two: no concatenated map is stored for it.
-        w, split = self.conv_shortcut.weight, x.shape[1]
-        b = self.conv_shortcut.bias
-        return conv2d(x, w[:, :split], b, frozen_key=("x", (w, b))).add_(
-            conv2d(skip, w[:, split:], frozen_key=("skip", (w,))))
-
-    def _unfused(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.act(self.norm1(x))
+    def forward(self, input_tensor: Tensor, temb: Tensor) -> Tensor:
+        if self.fusable and kernels.applies(input_tensor, self):  # CPU: the same in fewer passes over memory
+            return kernels.resnet_block(self, input_tensor, temb)
+        h = self.nonlinearity(self.norm1(input_tensor))
         if self.resample is not None:
-            h = self.resample(h)
+            input_tensor, h = self.resample(input_tensor), self.resample(h)
         h = self.conv1(h)
-        t = self.time_emb_proj(temb)[:, :, None, None]  # (N, C_out or 2 C_out, 1, 1)
-        if self.scale_shift:
+        t = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (N, C_out or 2 C_out, 1, 1)
+        if self.time_embedding_norm == "scale_shift":
             scale, shift = t.chunk(2, dim=1)
-            h = (self.norm2(h) * (1 + scale)).add_(shift)
+            h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h.add_(t))  # conv1's output is not read by its backward: safe in place
-        h = self.act(h)
-        if self.dropout > 0.0 and self.training:
-            h = F.dropout(h, self.dropout, training=True)
-        return self.conv2(h)
+            h = self.norm2(h + t)
+        h = self.conv2(self.dropout(self.nonlinearity(h)))
+        shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+        out = shortcut + h
+        return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
 
 
 # --- attention ----------------------------------------------------------------------------------------------------
@@ -255,47 +243,32 @@ class ResnetBlock2D(nn.Module):
 class Attention(nn.Module):
     """Spatial multi-head self-attention with a residual connection (Vaswani et al. 2017; Ho et al. 2020, App. B).
 
-    ``[N, C, H, W] -> [N, C, H, W]``: optional GroupNorm, q/k/v projections over the ``H*W`` tokens, softmax
-    attention with scale ``head_dim ** -0.5`` via ``F.scaled_dot_product_attention``, output projection, plus the
-    input, divided by ``rescale_output_factor``. ``heads = channels // head_dim`` as in diffusers.
+    ``[N, C, H, W] -> [N, C, H, W]``: optional GroupNorm, q/k/v projections of the ``H*W`` tokens, softmax
+    attention with scale ``dim_head ** -0.5`` (``F.scaled_dot_product_attention``, in the autocast dtype, so that
+    GPUs run their flash kernels), output projection, plus the input, divided by ``rescale_output_factor``.
     """
 
-    def __init__(self, channels: int, head_dim: int, norm_groups: int | None, eps: float = 1e-6,
-                 rescale_output_factor: float = 1.0) -> None:
+    def __init__(self, query_dim: int, heads: int, dim_head: int, norm_num_groups: int | None = None,
+                 eps: float = 1e-6, rescale_output_factor: float = 1.0) -> None:
         super().__init__()
-        self.heads = channels // head_dim
-        inner = self.heads * head_dim
+        inner = heads * dim_head
+        self.heads = heads
         self.rescale_output_factor = rescale_output_factor
-        self.group_norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups is not None else None
-        self.to_q = nn.Linear(channels, inner)
-        self.to_k = nn.Linear(channels, inner)
-        self.to_v = nn.Linear(channels, inner)
-        # diffusers' to_out is [Linear, Dropout(0)]; the dropout has no weights, so index 0 keeps its key.
-        self.to_out = nn.ModuleList([nn.Linear(inner, channels)])
+        self.group_norm = GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups is not None else None
+        self.to_q = nn.Linear(query_dim, inner)
+        self.to_k = nn.Linear(query_dim, inner)
+        self.to_v = nn.Linear(query_dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        height = x.shape[2]
-        # q, k and v as one 1x1 convolution (a oneDNN GEMM, 2x MKL's speed here); still three parameters.
-        params = (self.to_q.weight, self.to_k.weight, self.to_v.weight, self.to_q.bias, self.to_k.bias, self.to_v.bias)
-
-        def qkv_weights() -> tuple[Tensor, Tensor]:  # (3 inner, C, 1, 1), (3 inner,)
-            return torch.cat(params[:3])[:, :, None, None], torch.cat(params[3:])
-        if self.group_norm is not None:  # (N, 3 inner, H, W)
-            qkv = norm_act_conv(x, self.group_norm, qkv_weights, silu=False, frozen_key=("qkv", params))
-        else:
-            qkv = conv2d(x, qkv_weights, frozen_key=("qkv", params))
-        # Views (channels_last: tokens are rows); split along channels, so their gradients meet in one cat.
-        q, k, v = (rearrange(t, "b (n d) x y -> b n (x y) d", n=self.heads) for t in qkv.chunk(3, dim=1))
-        # The softmax runs in float32 either way (the flash kernel accumulates bf16 in float32). For small heads
-        # (diffusers' default head_dim 8) the inputs go in as float32 too: CPU's bf16 flash-attention backward is
-        # 4x slower there, while for large heads (e.g. 256) it is 1.2x faster than float32.
-        dtype = torch.float32 if q.shape[-1] < 64 else qkv.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(qkv.dtype)  # (N, n, HW, d)
-        out = rearrange(out, "b n (x y) d -> b (n d) x y", x=height)  # channels_last view: SDPA's out is (b, l, n, d)
-        proj = cast(nn.Linear, self.to_out[0])
-        out = conv2d(out, proj.weight[:, :, None, None], proj.bias, frozen_key=("", (proj.weight, proj.bias)))
-        out = out.add_(x)  # + residual (the convolution's output is saved by no backward formula)
-        if self.rescale_output_factor != 1.0:
-            out = out.div_(self.rescale_output_factor)
-        return out
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if kernels.applies(hidden_states, self):  # CPU: projections as 1x1 convolutions of the map
+            return kernels.attention_block(self, hidden_states)
+        height = hidden_states.shape[2]
+        x = self.group_norm(hidden_states) if self.group_norm is not None else hidden_states
+        tokens = rearrange(x, "b c x y -> b (x y) c")  # a view when x is channels_last
+        q, k, v = (rearrange(proj(tokens), "b l (n d) -> b n l d", n=self.heads)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H*W, dim_head)
+        out = self.to_out[0](rearrange(out, "b n l d -> b l (n d)"))
+        out = rearrange(out, "b (x y) c -> b c x y", x=height) + hidden_states  # + residual
+        return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out

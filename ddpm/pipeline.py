@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddpm import checkpoint, kernels
+from ddpm import checkpoint
 from ddpm.config import DIFFUSERS_VERSION, read_json, write_json
 from ddpm.images import numpy_to_pil, to_numpy, to_unit_range
 from ddpm.outputs import BaseOutput
@@ -200,7 +200,7 @@ class Pipeline:
         steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         self.scheduler.set_timesteps(steps, device=device)
         image = draw_noise(shape, generator, device, self.dtype) * self.scheduler.init_noise_sigma  # x_T
-        with kernels.frozen_weights():  # the weights do not change during the loop
+        with self.unet.frozen_weights():  # the weights do not change during the loop
             for t in self.progress_bar(self.scheduler.timesteps):
                 model_input = self.scheduler.scale_model_input(image, t)  # identity for DDPM/DDIM, x/√(σ²+1) for Euler
                 model_output = self.unet(model_input, t).sample

@@ -6,43 +6,40 @@ and a GroupNorm-SiLU-3x3-conv head. The timestep enters every ResNet block throu
 learned) embedding and a two-layer MLP.
 
 ``UNetConfig`` (unet_config.py) holds exactly the keys of diffusers' ``config.json`` for ``UNet2DModel`` with
-the same defaults; ``UNet.from_pretrained`` / ``save_pretrained`` read and write diffusers' folder layout.
+the same defaults and describes the levels built here; ``UNet.from_pretrained`` / ``save_pretrained`` read and
+write diffusers' folder layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 
 from ddpm import checkpoint, kernels
-from ddpm.blocks import (DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DownBlock, MidBlock, SkipDownBlock, SkipUpBlock,
-                         UpBlock, canonical_block_type)
+from ddpm.blocks import (DOWN_BLOCKS, SKIP_DOWN_BLOCKS, SKIP_UP_BLOCKS, UP_BLOCKS, SkipDownBlock, SkipUpBlock,
+                         UNetMidBlock2D, default_checkpointing)
 from ddpm.config import config_from_dict, config_to_dict, read_json, write_json
-from ddpm.layers import (ACTIVATIONS, Conv2d, GaussianFourierEmbedding, SinusoidalTimestepEmbedding,
-                         TimestepEmbedding, norm_act_conv)
+from ddpm.layers import (Conv2d, GaussianFourierProjection, GroupNorm, TimestepEmbedding, Timesteps,
+                         Upsample2D)
 from ddpm.outputs import BaseOutput
-from ddpm.unet_config import UNetConfig
+from ddpm.unet_config import UNetConfig, check_resolution
 
 CLASS_NAME = "UNet2DModel"  # the _class_name we write and accept, so diffusers loads our folders
 
 
 def _check_sample_shape(config: UNetConfig, shape: torch.Size) -> None:
-    # Every down block but the last halves H and W, and the up path must restore them exactly. Integers only.
-    factor = 1 << (len(config.down_block_types) - 1)
-    if len(shape) == 4 and shape[1] == config.in_channels and not (shape[2] % factor or shape[3] % factor):
-        return
     if len(shape) != 4 or shape[1] != config.in_channels:
         raise ValueError(f"sample has shape {tuple(shape)}; this UNet takes [N, {config.in_channels}, H, W] "
                          f"(in_channels={config.in_channels})")
-    raise ValueError(f"sample size {shape[2]}x{shape[3]} is not divisible by {factor}; this UNet halves the "
-                     f"resolution {factor.bit_length() - 1} times (2 ** (number of down blocks - 1))")
+    check_resolution(f"sample size {shape[2]}x{shape[3]}", (shape[2], shape[3]), len(config.down_block_types))
 
 
 @dataclass
@@ -56,10 +53,14 @@ UNetOutput = UNet2DOutput  # the name ddpm used first
 
 
 class UNet(nn.Module):
-    """diffusers' ``UNet2DModel``, written out: same keywords, defaults, state-dict keys and outputs.
+    """diffusers' ``UNet2DModel``, written out: same keywords, defaults, state-dict keys, outputs, and the same
+    initial weights for the same seed.
 
     ``UNet(**kwargs)`` takes UNet2DModel's keyword arguments (see ``UNetConfig``); ``UNet(config)`` a ready config.
     """
+
+    _supports_gradient_checkpointing = True
+    _keep_in_fp32_modules: list[str] | None = None  # as UNet2DModel: no module must stay float32 when cast
 
     def __init__(self, config: UNetConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -73,15 +74,16 @@ class UNet(nn.Module):
         c = config
         ch = c.block_out_channels
         temb_dim = c.time_embedding_dim or ch[0] * 4
+        # Modules are created in diffusers' order, so that torch.manual_seed gives both the same weights.
         self.conv_in = Conv2d(c.in_channels, ch[0], kernel_size=3, padding=1)
 
         # time: features of the timestep, then the MLP (Ho et al. 2020, App. B)
         self.time_proj: nn.Module
         if c.time_embedding_type == "fourier":
-            self.time_proj = GaussianFourierEmbedding(ch[0], scale=16.0)
+            self.time_proj = GaussianFourierProjection(ch[0], scale=16.0)
             time_in = 2 * ch[0]
         elif c.time_embedding_type == "positional":
-            self.time_proj = SinusoidalTimestepEmbedding(ch[0], c.flip_sin_to_cos, c.freq_shift)
+            self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
             time_in = ch[0]
         else:  # "learned": one trained vector per integer timestep
             assert c.num_train_timesteps is not None  # checked by UNetConfig
@@ -95,94 +97,129 @@ class UNet(nn.Module):
             self.class_embedding = TimestepEmbedding(time_in, temb_dim)
         elif c.class_embed_type == "identity":  # class_labels are already [N, temb_dim] vectors
             self.class_embedding = nn.Identity()
-        self.act = ACTIVATIONS[c.act_fn]
 
-        common: dict[str, Any] = dict(eps=c.norm_eps, act_fn=c.act_fn, time_scale_shift=c.resnet_time_scale_shift,
-                                      dropout=c.dropout)
-        # diffusers registers down_blocks, up_blocks, then mid_block; we do too, so state dicts list alike.
+        res: dict[str, Any] = dict(resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+                                   resnet_time_scale_shift=c.resnet_time_scale_shift, dropout=c.dropout)
         self.down_blocks = nn.ModuleList()
+        self.mid_block: UNetMidBlock2D | None = None
         self.up_blocks = nn.ModuleList()
-        for i, name in enumerate(c.down_block_types):
-            cin, cout, last = ch[max(i - 1, 0)], ch[i], i == len(ch) - 1
-            attention, kind = DOWN_BLOCK_TYPES[canonical_block_type(name)]
-            head_dim = c.attention_head_dim or cout
-            if kind == "fir":
-                self.down_blocks.append(SkipDownBlock(cin, cout, temb_dim, layers=c.layers_per_block,
-                                                      attention=attention, add_downsample=not last,
-                                                      head_dim=head_dim, **common))
+        for level in c.down_levels():
+            if level.resample == "fir" or level.skip:  # a Skip block (the first test narrows the type)
+                block: nn.Module = SKIP_DOWN_BLOCKS[level.block_type](
+                    level.in_channels, level.out_channels, temb_dim, num_layers=c.layers_per_block,
+                    attention_head_dim=level.attention_head_dim, add_downsample=level.resample is not None, **res)
             else:
-                self.down_blocks.append(DownBlock(
-                    cin, cout, temb_dim, layers=c.layers_per_block, attention=attention,
-                    downsample=None if last else kind or c.downsample_type, groups=c.groups_for(cout),
-                    head_dim=head_dim, downsample_padding=c.downsample_padding, **common))
+                block = DOWN_BLOCKS[level.block_type](
+                    level.in_channels, level.out_channels, temb_dim, num_layers=c.layers_per_block,
+                    resnet_groups=c.groups_for(level.out_channels), attention_head_dim=level.attention_head_dim,
+                    downsample=level.resample, downsample_padding=c.downsample_padding, **res)
+            self.down_blocks.append(block)
 
-        self.mid_block: MidBlock | None = None
         if c.mid_block_type is not None:
-            # The mid attention normalises with attn_norm_num_groups, else norm_num_groups, except that diffusers
-            # gives it no GroupNorm at all under scale_shift.
-            attn_groups = c.attn_norm_num_groups
-            if attn_groups is None and c.resnet_time_scale_shift == "default":
-                attn_groups = c.groups_for(ch[-1])
-            self.mid_block = MidBlock(ch[-1], temb_dim, groups=c.groups_for(ch[-1]), attn_groups=attn_groups,
-                                      head_dim=c.attention_head_dim or ch[-1], attention=c.add_attention,
-                                      output_scale_factor=c.mid_block_scale_factor, **common)
+            self.mid_block = UNetMidBlock2D(
+                ch[-1], temb_dim, resnet_groups=c.groups_for(ch[-1]), attn_groups=c.mid_attention_groups(),
+                attention_head_dim=c.attention_head_dim or ch[-1], add_attention=c.add_attention,
+                output_scale_factor=c.mid_block_scale_factor, **res)
 
-        rev = list(reversed(ch))
-        for i, name in enumerate(c.up_block_types):
-            prev, cout, cin, last = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, len(ch) - 1)], i == len(ch) - 1
-            attention, kind = UP_BLOCK_TYPES[canonical_block_type(name)]
-            head_dim = c.attention_head_dim or cout
-            if kind == "fir":
-                self.up_blocks.append(SkipUpBlock(cin, prev, cout, temb_dim, layers=c.layers_per_block + 1,
-                                                  attention=attention, add_upsample=not last, head_dim=head_dim,
-                                                  **common))
+        for level in c.up_levels():
+            if level.resample == "fir" or level.skip:  # a Skip block (the first test narrows the type)
+                block = SKIP_UP_BLOCKS[level.block_type](
+                    level.in_channels, level.prev_channels, level.out_channels, temb_dim,
+                    num_layers=c.layers_per_block + 1, attention_head_dim=level.attention_head_dim,
+                    add_upsample=level.resample is not None, **res)
             else:
-                self.up_blocks.append(UpBlock(
-                    cin, prev, cout, temb_dim, layers=c.layers_per_block + 1, attention=attention,
-                    upsample=None if last else kind or c.upsample_type, groups=c.groups_for(cout),
-                    head_dim=head_dim, **common))
+                block = UP_BLOCKS[level.block_type](
+                    level.in_channels, level.prev_channels, level.out_channels, temb_dim,
+                    num_layers=c.layers_per_block + 1, resnet_groups=c.groups_for(level.out_channels),
+                    attention_head_dim=level.attention_head_dim, upsample=level.resample, **res)
+            self.up_blocks.append(block)
 
-        self.conv_norm_out = nn.GroupNorm(c.groups_for(ch[0]), ch[0], eps=c.norm_eps)
+        self.conv_norm_out = GroupNorm(c.groups_for(ch[0]), ch[0], eps=c.norm_eps)
+        self.conv_act = nn.SiLU()  # SiLU whatever act_fn says, as in diffusers
         self.conv_out = Conv2d(ch[0], c.out_channels, kernel_size=3, padding=1)
         # Layout: conv weights, and so every activation, in channels_last (NHWC). oneDNN computes in NHWC; with
         # NCHW it reorders every input (1.75x slower for 128 x 32 x 32 maps on our CPU). Keys, values and saved
         # files are unchanged; only strides differ. Outputs come back in the input's layout.
         self.to(memory_format=torch.channels_last)
 
-    # Cheap properties: one parameter's dtype/device, not a walk over every submodule per call.
+    # --- diffusers' ModelMixin surface ---------------------------------------------------------------------------
+
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype (one parameter's: not a walk over every submodule per call)."""
         return self.conv_in.weight.dtype
 
     @property
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    @staticmethod
-    def frozen_weights() -> contextlib.AbstractContextManager[None]:
-        """A block in which the weights will not change: calls without autograd (CPU, float32/bfloat16) reuse
-        the convolution weights of the small maps in oneDNN's layout instead of reordering them on every call:
-        forward 1.2-1.4x faster at batch 1, about 1.05x at batch 8 (benchmarks/RESULTS.md). ``Pipeline`` samples
-        inside one. For a hand-written sampling loop::
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters; only those that require grad with ``only_trainable``; without the
+        ``nn.Embedding`` tables (learned time embedding, class labels) with ``exclude_embeddings``."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable) and id(p) not in embeddings)
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Replace config values after changing the model by hand (e.g. ``in_channels`` after swapping
+        ``conv_in``), as diffusers' ``register_to_config`` does. The config stays a frozen ``UNetConfig``: the new
+        one is checked like any other, and a key it does not have is a ``ValueError`` naming it."""
+        unknown = [k for k in kwargs if k not in UNetConfig.__dataclass_fields__]
+        if unknown:
+            raise ValueError(f"unknown config key {unknown[0]!r} for UNetConfig; known keys: "
+                             f"{', '.join(UNetConfig.__dataclass_fields__)}")
+        self.config = dataclasses.replace(self.config, **kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable[..., Any] | None = None) -> None:
+        """Recompute each ResNet/attention layer in the backward pass: less memory, about 30% more compute.
+        ``gradient_checkpointing_func(layer, *inputs)``: default ``torch.utils.checkpoint.checkpoint`` (not
+        reentrant)."""
+        for block in self._blocks():
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = gradient_checkpointing_func or default_checkpointing
+
+    def disable_gradient_checkpointing(self) -> None:
+        for block in self._blocks():
+            block.gradient_checkpointing = False
+
+    def _blocks(self) -> list[Any]:
+        return [*self.down_blocks, *([self.mid_block] if self.mid_block is not None else []), *self.up_blocks]
+
+    @contextlib.contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """A block in which this UNet's weights will not change: its calls without autograd on CPU (float32,
+        bfloat16) reuse the convolution weights of the small maps in oneDNN's layout instead of reordering them
+        on every call: forward 1.2-1.4x faster at batch 1, about 1.05x at batch 8 (benchmarks/RESULTS.md).
+        ``Pipeline`` samples inside one. For a hand-written sampling loop::
 
             with torch.no_grad(), unet.frozen_weights():
                 for t in scheduler.timesteps: ...
 
-        It covers every UNet's convolutions in the block. An optimizer step or ``load_state_dict`` inside it is
-        seen (they bump the parameters' version counters); a write through ``param.data`` is not.
+        It covers this UNet only (a copy made inside the block packs nothing). An optimizer step or
+        ``load_state_dict`` inside it is seen (they bump the parameters' version counters); a write through
+        ``param.data`` is not. Where the CPU kernels do not apply (CUDA, ``torch.compile``,
+        ``DDPM_CPU_KERNELS=0``) it changes nothing.
         """
-        return kernels.frozen_weights()
+        layers = [m for m in self.modules() if isinstance(m, (Conv2d, Upsample2D))]
+        if any(m.packed is not None for m in layers):  # nested: the open block's weights serve
+            yield
+            return
+        packed = kernels.PackedWeights()
+        for m in layers:
+            m.packed = packed
+        try:
+            yield
+        finally:
+            packed.close()
+            for m in layers:
+                m.packed = None
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each ResNet/attention layer in the backward pass: less memory, about 30% more compute."""
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            if block is not None:
-                block.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            if block is not None:
-                block.gradient_checkpointing = False
+    # --- forward -------------------------------------------------------------------------------------------------
 
     def _embed_time(self, t: Tensor, class_labels: Tensor | None) -> Tensor:
         emb = self.time_embedding(self.time_proj(t).to(self.dtype))  # (N, temb_dim)
@@ -216,27 +253,28 @@ class UNet(nn.Module):
         t = timestep if isinstance(timestep, Tensor) else torch.tensor([timestep], dtype=torch.long)
         t = t.to(sample.device).reshape(-1).expand(sample.shape[0])  # (N,): one entry, or one per sample
         emb = self._embed_time(t, class_labels)
-        temb = self.act(emb)  # every ResNet block applies act_fn to emb first; do it once for all
 
         skip_sample = sample
         x = self.conv_in(sample)
-        skips = [x]  # the skip connections, consumed newest-first by the up path
+        skips: tuple[Tensor, ...] = (x,)  # the skip connections, taken newest first by the up path
         for down in self.down_blocks:
             if isinstance(down, SkipDownBlock):
-                x, res, skip_sample = down(x, temb, skip_sample)
+                x, res, skip_sample = down(x, emb, skip_sample)
             else:
-                x, res = down(x, temb)
-            skips.extend(res)
+                x, res = down(x, emb)
+            skips += res
         if self.mid_block is not None:
-            x = self.mid_block(x, temb)
+            x = self.mid_block(x, emb)
         up_skip: Tensor | None = None
         for up in self.up_blocks:
+            n = len(up.resnets)  # type: ignore[arg-type]
+            res, skips = skips[-n:], skips[:-n]
             if isinstance(up, SkipUpBlock):
-                x, up_skip = up(x, skips, temb, up_skip)
+                x, up_skip = up(x, res, emb, up_skip)
             else:
-                x = up(x, skips, temb)
+                x = up(x, res, emb)
 
-        x = norm_act_conv(x, self.conv_norm_out, self.conv_out.weight, self.conv_out.bias, silu=True, padding=1)
+        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         if up_skip is not None:
             x = x + up_skip
         if self.config.time_embedding_type == "fourier":

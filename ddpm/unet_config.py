@@ -1,14 +1,96 @@
-"""``UNetConfig``: the keys of diffusers' ``config.json`` for ``UNet2DModel``, with the same defaults, and the
-checks that make an unbuildable config a ``ValueError`` naming the key before any layer is built."""
+"""``UNetConfig``: the keys of diffusers' ``config.json`` for ``UNet2DModel``, with the same defaults, and what they
+describe: the block types, the resolution levels and their channel widths.
+
+It describes and checks; it builds nothing. ``UNet.__init__`` and ``blocks.py`` build from this description
+(``UNetConfig.down_levels`` / ``up_levels``, ``up_resnet_channels``, the GroupNorm group rules), so the channel
+arithmetic is written once, here, and an unbuildable config is a ``ValueError`` naming the key before any layer
+exists.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
-from ddpm.blocks import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, canonical_block_type
 from ddpm.config import FrozenConfig, check_choice, check_int, check_number
-from ddpm.layers import ACTIVATIONS
+
+ACT_FNS = ("silu", "swish", "mish", "gelu", "relu")
+Resample = Literal["conv", "resnet", "fir"]
+
+
+class BlockType(NamedTuple):
+    """What a diffusers block-type name stands for."""
+
+    attention: bool
+    resample: Resample | None  # None: the config's downsample_type / upsample_type (diffusers' Attn blocks)
+
+
+DOWN_BLOCK_TYPES: dict[str, BlockType] = {
+    "DownBlock2D": BlockType(False, "conv"),
+    "AttnDownBlock2D": BlockType(True, None),
+    "ResnetDownsampleBlock2D": BlockType(False, "resnet"),
+    "SkipDownBlock2D": BlockType(False, "fir"),  # the score-SDE blocks: FIR resampling and an image path
+    "AttnSkipDownBlock2D": BlockType(True, "fir"),
+}
+UP_BLOCK_TYPES: dict[str, BlockType] = {
+    "UpBlock2D": BlockType(False, "conv"),
+    "AttnUpBlock2D": BlockType(True, None),
+    "ResnetUpsampleBlock2D": BlockType(False, "resnet"),
+    "SkipUpBlock2D": BlockType(False, "fir"),
+    "AttnSkipUpBlock2D": BlockType(True, "fir"),
+}
+
+
+def canonical_block_type(name: str) -> str:
+    """diffusers accepts "UNetResDownBlock2D" for "DownBlock2D" (and so on); so do we."""
+    return name[len("UNetRes"):] if name.startswith("UNetRes") else name
+
+
+class Level(NamedTuple):
+    """One block of the UNet: its type and the channel widths it connects.
+
+    Down blocks map ``in_channels`` to ``out_channels``. Up blocks map the ``prev_channels``-wide map from below
+    to ``out_channels``, concatenating skip connections; ``in_channels`` is the width of the matching down level,
+    whose input is the last skip they take (diffusers' ``in_channels`` / ``prev_output_channel``)."""
+
+    block_type: str  # canonical diffusers name
+    in_channels: int
+    out_channels: int
+    prev_channels: int  # up blocks; equal to in_channels for down blocks
+    attention_head_dim: int | None  # None: no attention
+    resample: Resample | None  # None: the last level, which keeps the resolution
+    skip: bool  # a score-SDE (Skip) block
+
+
+def up_resnet_channels(in_channels: int, prev_channels: int, out_channels: int, num_layers: int
+                       ) -> list[tuple[int, int]]:
+    """(incoming map, skip connection) widths of each ResNet block of an up block: the map from below is
+    ``prev_channels`` wide for the first and ``out_channels`` after; every skip is ``out_channels`` wide except
+    the last, the matching down level's input (``in_channels``)."""
+    return [(prev_channels if i == 0 else out_channels, in_channels if i == num_layers - 1 else out_channels)
+            for i in range(num_layers)]
+
+
+def skip_groups(channels: int) -> int:
+    """GroupNorm groups in the Skip blocks: sized from the channel count, ignoring norm_num_groups (diffusers)."""
+    return min(channels // 4, 32)
+
+
+def attn_skip_up_groups(x_channels: int, skip_channels: int) -> int:
+    """diffusers' AttnSkipUpBlock2D computes ``min(x + skip // 4, 32)`` (operator precedence) for its ResNets'
+    first GroupNorm; checkpoints depend on it, so it is kept."""
+    return min(x_channels + skip_channels // 4, 32)
+
+
+def check_resolution(what: str, size: int | Sequence[int], levels: int) -> None:
+    """The divisibility rule, for every caller: each down block but the last halves H and W, and the up path must
+    restore them exactly, so every side must be divisible by ``2 ** (levels - 1)``. Otherwise a ValueError that
+    starts with ``what`` (e.g. ``"sample_size=6"``, ``"sample size 10x8"``, ``"--resolution 30"``)."""
+    factor = 2 ** (levels - 1)
+    if any(s % factor for s in ([size] if isinstance(size, int) else size)):
+        raise ValueError(f"{what} must be divisible by {factor}: the UNet halves the resolution {levels - 1} times "
+                         f"(2 ** (number of down blocks - 1)) and the up path must restore it exactly")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +137,7 @@ class UNetConfig(FrozenConfig):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
         self._check_values()
         check_choice("time_embedding_type", self.time_embedding_type, ("positional", "fourier", "learned"))
-        check_choice("act_fn", self.act_fn, tuple(ACTIVATIONS))
+        check_choice("act_fn", self.act_fn, ACT_FNS)
         check_choice("resnet_time_scale_shift", self.resnet_time_scale_shift, ("default", "scale_shift"))
         check_choice("class_embed_type", self.class_embed_type, (None, "timestep", "identity"))
         check_choice("downsample_type", self.downsample_type, ("conv", "resnet"))
@@ -81,34 +163,50 @@ class UNetConfig(FrozenConfig):
         half = channels[0] // 2  # the sinusoidal embedding's frequencies divide by (half - freq_shift)
         if self.time_embedding_type == "positional" and half > 0 and self.freq_shift >= half:
             raise ValueError(f"freq_shift={self.freq_shift} must be less than block_out_channels[0] // 2 = {half}")
-        factor = 2 ** (len(downs) - 1)  # every down block but the last halves the resolution
-        sizes = self.sample_size if isinstance(self.sample_size, tuple) else (self.sample_size,)
-        if any(s is not None and s % factor for s in sizes):
-            raise ValueError(f"sample_size={self.sample_size} must be divisible by {factor} = 2 ** (number of "
-                             f"down blocks - 1), so that the up path restores the input's size")
+        if self.sample_size is not None:
+            check_resolution(f"sample_size={self.sample_size}", self.sample_size, len(downs))
         self._check_skip_path()
         self._check_attention()
         self._check_groups()
 
-    def _check_skip_path(self) -> None:
-        # The Skip blocks carry a 3-channel image path (skip_sample) beside x, at x's resolution: a Skip block that
-        # downsamples needs Skip blocks before it, and once an up block is a Skip block, all later ones must be too
-        # (they upsample the path back to the output, where it is added).
-        downs, ups = self.down_block_types, self.up_block_types
-        skip_down, skip_up = self._skip_blocks()
-        for i in range(len(downs) - 1):  # the last down block does not downsample
-            if skip_down[i] and not all(skip_down[:i]):
-                raise ValueError(f"down_block_types[{i}]={downs[i]!r} downsamples the Skip image path, so the down "
-                                 f"blocks before it must be Skip blocks too; got {list(downs)}")
-        for i in range(skip_up.index(True) + 1 if any(skip_up) else len(ups), len(ups)):
-            if not skip_up[i]:
-                raise ValueError(f"up_block_types[{i}]={ups[i]!r} follows a Skip up block, so it must be a Skip block "
-                                 f"too (to carry the image path to the output); got {list(ups)}")
+    # --- the description ----------------------------------------------------------------------------------------
 
-    def _skip_blocks(self) -> tuple[list[bool], list[bool]]:
-        # Which down and up blocks are Skip (FIR, score-SDE) blocks
-        return ([DOWN_BLOCK_TYPES[canonical_block_type(n)][1] == "fir" for n in self.down_block_types],
-                [UP_BLOCK_TYPES[canonical_block_type(n)][1] == "fir" for n in self.up_block_types])
+    def down_levels(self) -> list[Level]:
+        """The down blocks, top (full resolution) first."""
+        ch, levels = self.block_out_channels, []
+        for i, name in enumerate(self.down_block_types):
+            name = canonical_block_type(name)
+            kind = DOWN_BLOCK_TYPES[name]
+            final = i == len(ch) - 1  # the last level keeps its resolution
+            levels.append(Level(name, ch[max(i - 1, 0)], ch[i], ch[max(i - 1, 0)],
+                                (self.attention_head_dim or ch[i]) if kind.attention else None,
+                                None if final else kind.resample or self.downsample_type, kind.resample == "fir"))
+        return levels
+
+    def up_levels(self) -> list[Level]:
+        """The up blocks, bottom (lowest resolution) first; each mirrors a down level."""
+        rev, levels = self.block_out_channels[::-1], []
+        for i, name in enumerate(self.up_block_types):
+            name = canonical_block_type(name)
+            kind = UP_BLOCK_TYPES[name]
+            final = i == len(rev) - 1
+            levels.append(Level(name, rev[min(i + 1, len(rev) - 1)], rev[i], rev[max(i - 1, 0)],
+                                (self.attention_head_dim or rev[i]) if kind.attention else None,
+                                None if final else kind.resample or self.upsample_type, kind.resample == "fir"))
+        return levels
+
+    def groups_for(self, channels: int) -> int:
+        """GroupNorm groups of the plain blocks, the mid block and the output head for a ``channels``-wide layer."""
+        return self.norm_num_groups if self.norm_num_groups is not None else skip_groups(channels)
+
+    def mid_attention_groups(self) -> int | None:
+        """GroupNorm groups of the mid-block attention: attn_norm_num_groups, else those of its ResNets, except
+        that diffusers gives it no GroupNorm under scale_shift."""
+        if self.attn_norm_num_groups is not None or self.resnet_time_scale_shift != "default":
+            return self.attn_norm_num_groups
+        return self.groups_for(self.block_out_channels[-1])
+
+    # --- the checks that combine values ----------------------------------------------------------------------------
 
     def _check_values(self) -> None:
         # Each value on its own: its type and range. The checks in __post_init__ then combine them.
@@ -140,68 +238,79 @@ class UNetConfig(FrozenConfig):
         if not 0 <= check_number("dropout", self.dropout) <= 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1]")
 
+    def _check_skip_path(self) -> None:
+        # The Skip blocks carry a 3-channel image path (skip_sample) beside x, at x's resolution: a Skip block that
+        # downsamples needs Skip blocks before it, and once an up block is a Skip block, all later ones must be too
+        # (they upsample the path back to the output, where it is added).
+        downs, ups = self.down_block_types, self.up_block_types
+        skip_down = [level.skip for level in self.down_levels()]
+        skip_up = [level.skip for level in self.up_levels()]
+        for i in range(len(downs) - 1):  # the last down block does not downsample
+            if skip_down[i] and not all(skip_down[:i]):
+                raise ValueError(f"down_block_types[{i}]={downs[i]!r} downsamples the Skip image path, so the down "
+                                 f"blocks before it must be Skip blocks too; got {list(downs)}")
+        for i in range(skip_up.index(True) + 1 if any(skip_up) else len(ups), len(ups)):
+            if not skip_up[i]:
+                raise ValueError(f"up_block_types[{i}]={ups[i]!r} follows a Skip up block, so it must be a Skip block "
+                                 f"too (to carry the image path to the output); got {list(ups)}")
+
     def _check_attention(self) -> None:
         # An attention layer has width // attention_head_dim heads (as in diffusers): at least one is needed.
         if self.attention_head_dim is None:
             return
-        rev = self.block_out_channels[::-1]
-        layers = [(f"down_block_types[{i}]={name!r}", c) for i, (name, c)
-                  in enumerate(zip(self.down_block_types, self.block_out_channels))
-                  if DOWN_BLOCK_TYPES[canonical_block_type(name)][0]]
-        layers += [(f"up_block_types[{i}]={name!r}", c) for i, (name, c) in enumerate(zip(self.up_block_types, rev))
-                   if UP_BLOCK_TYPES[canonical_block_type(name)][0]]
+        layers = [(f"{key}[{i}]={names[i]!r}", level.out_channels)
+                  for key, names, levels in (("down_block_types", self.down_block_types, self.down_levels()),
+                                             ("up_block_types", self.up_block_types, self.up_levels()))
+                  for i, level in enumerate(levels) if level.attention_head_dim is not None]
         if self.mid_block_type is not None and self.add_attention:
-            layers.append(("the mid block", rev[0]))
+            layers.append(("the mid block", self.block_out_channels[-1]))
         for where, c in layers:
             if self.attention_head_dim > c:
                 raise ValueError(f"attention_head_dim={self.attention_head_dim} is wider than the attention of "
                                  f"{where}, which has {c} channels (block_out_channels); it would have no heads")
 
-    def groups_for(self, channels: int) -> int:
-        """GroupNorm groups of the mid block and the output head for a ``channels``-wide layer."""
-        return self.norm_num_groups if self.norm_num_groups is not None else min(channels // 4, 32)
-
     def _check_groups(self) -> None:
-        channels = self.block_out_channels
-        skip, skip_up = self._skip_blocks()
-        if self.norm_num_groups is None and not (all(skip) and all(skip_up)):
+        skip_down = [level.skip for level in self.down_levels()]
+        skip_up = [level.skip for level in self.up_levels()]
+        if self.norm_num_groups is None and not (all(skip_down) and all(skip_up)):
             raise ValueError("norm_num_groups=None is only supported when every block is a Skip block")
-        if any(skip) or any(skip_up):
-            if self.in_channels != 3 or self.out_channels != 3:
-                raise ValueError(f"Skip blocks carry a 3-channel image path; in_channels={self.in_channels} and "
-                                 f"out_channels={self.out_channels} must both be 3")
+        if (any(skip_down) or any(skip_up)) and (self.in_channels != 3 or self.out_channels != 3):
+            raise ValueError(f"Skip blocks carry a 3-channel image path; in_channels={self.in_channels} and "
+                             f"out_channels={self.out_channels} must both be 3")
         for where, c, groups, source in self._group_norms():
             if groups < 1 or c % groups:
-                raise ValueError(f"block_out_channels={list(channels)} do not fit {where}: it normalises {c} "
-                                 f"channels in {groups} GroupNorm groups ({source})")
+                raise ValueError(f"block_out_channels={list(self.block_out_channels)} do not fit {where}: it "
+                                 f"normalises {c} channels in {groups} GroupNorm groups ({source})")
 
     def _group_norms(self) -> list[tuple[str, int, int, str]]:
-        """(layer, channels, groups, where the groups come from) of every GroupNorm that ``UNet`` builds; the
-        channel arithmetic of ``UNet.__init__`` and ddpm/blocks.py, repeated so that a bad config fails here."""
-        ch, n, plain = self.block_out_channels, self.layers_per_block, f"norm_num_groups={self.norm_num_groups}"
-        skip, attn_skip = "min(channels // 4, 32) in Skip blocks", "32 in AttnSkip attention"
+        """(layer, channels, groups, where the groups come from) of the GroupNorms the UNet builds.
+
+        A plain block normalises each width it connects (its ResNets' inputs and outputs, and in an up block their
+        sums with the skips) in norm_num_groups groups: norm_num_groups must divide each of them, which these
+        widths cover exactly. A Skip block sizes its groups from each width, so its sums are listed one by one."""
+        plain, n_up = f"norm_num_groups={self.norm_num_groups}", self.layers_per_block + 1
         norms: list[tuple[str, int, int, str]] = []
-        for i, name in enumerate(self.down_block_types):
-            attention, kind = DOWN_BLOCK_TYPES[canonical_block_type(name)]
-            where, c_in, c = f"down_block_types[{i}]={name!r}", ch[max(i - 1, 0)], ch[i]
-            if kind == "fir":
-                norms += [(where, x, min(x // 4, 32), skip) for x in (c_in, c)]
-                norms += [(where, c, 32, attn_skip)] if attention else []
-            else:
-                norms += [(where, x, self.groups_for(c), plain) for x in (c_in, c)]
-        rev = ch[::-1]
-        for i, name in enumerate(self.up_block_types):
-            attention, kind = UP_BLOCK_TYPES[canonical_block_type(name)]
-            where, prev, c = f"up_block_types[{i}]={name!r}", rev[max(i - 1, 0)], rev[i]
-            c_skip = rev[min(i + 1, len(ch) - 1)]
-            # ResNet j takes [incoming map, skip]: (prev, c), (c, c), ..., and (c, c_skip) for the last
-            pairs = [(prev if j == 0 else c, c_skip if j == n else c) for j in range(n + 1)]
-            if kind == "fir":  # AttnSkipUpBlock2D's min(x + s // 4, 32) is diffusers' (see blocks.py)
-                norms += [(where, x + s, min(x + s // 4, 32) if attention else min((x + s) // 4, 32), skip)
-                          for x, s in pairs]
-                norms += [(where, c, min(c // 4, 32), skip)] + ([(where, c, 32, attn_skip)] if attention else [])
-            else:
-                norms += [(where, x + s, self.groups_for(c), plain) for x, s in pairs + [(c, 0)]]
+        for key, names, levels in (("down_block_types", self.down_block_types, self.down_levels()),
+                                   ("up_block_types", self.up_block_types, self.up_levels())):
+            for i, level in enumerate(levels):
+                where, out = f"{key}[{i}]={names[i]!r}", level.out_channels
+                if not level.skip:
+                    widths = {level.in_channels, out, level.prev_channels}
+                    norms += [(where, c, self.groups_for(c), plain) for c in sorted(widths)]
+                    continue
+                rule = "min(channels // 4, 32) in Skip blocks"
+                if key == "down_block_types":
+                    inputs = [level.in_channels]
+                else:
+                    pairs = up_resnet_channels(level.in_channels, level.prev_channels, out, n_up)
+                    inputs = [x + s for x, s in pairs]
+                    if level.attention_head_dim is not None:  # diffusers' AttnSkipUpBlock2D (see blocks.py)
+                        norms += [(where, x + s, attn_skip_up_groups(x, s), rule) for x, s in pairs]
+                        inputs = []
+                norms += [(where, c, skip_groups(c), rule) for c in [*inputs, out]]
+                if level.attention_head_dim is not None:
+                    norms.append((where, out, 32, "32 in the Skip blocks' attention"))
+        ch = self.block_out_channels
         if self.mid_block_type is not None:
             norms.append(("the mid block", ch[-1], self.groups_for(ch[-1]), plain))
             if self.add_attention and self.attn_norm_num_groups is not None:

@@ -134,3 +134,23 @@ def test_interleaved_timing_alternates_order():
     times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())
+
+
+def test_grayscale_config_with_its_own_batches_and_compiled_rows(sides, tmp_path, monkeypatch):
+    # A config like the laptop model (grayscale, its own batch sizes from CONFIG_BATCHES), with the compile rows
+    # (through aot_eager here: the machinery, not inductor's speed).
+    gray = dict(TINY, in_channels=1, out_channels=1)
+    monkeypatch.setitem(bench.CONFIG_BATCHES, "gray", dict(forward_batches=(3,), backward_batch=3, train_batch=3))
+    plan = bench.Plan(configs=("gray",), precisions=("fp32",), repeats=2, warmup=1, memory_steps=0,
+                      sampling_configs=(), cases=("unet",), profile=False, compile=True, compile_backend="aot_eager",
+                      conv_peak_batch=1)
+    report = bench.run_benchmark(plan, sides, torch.device("cpu"), configs={"gray": gray}, log=lambda _: None,
+                                 workdir=tmp_path)
+    cases = [r.case for r in report.rows]
+    assert cases == ["gray forward b3", "gray forward b3, ddpm in frozen_weights()", "gray forward+backward b3",
+                     "gray train step b3", "gray torch.compile forward b3", "gray torch.compile forward+backward b3"]
+    for row in report.rows:
+        assert all(positive(t) for times in row.times.values() for t in times), row
+    for row in report.rows[-2:]:
+        assert set(row.extra["compile s"]) == {"diffusers", "ddpm"}
+    assert bench.CONFIGS["unet-small"]["in_channels"] == 1 and bench.CONFIG_BATCHES["unet-small"]["train_batch"] == 64

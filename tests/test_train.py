@@ -482,7 +482,7 @@ BAD_INPUTS = {
     "missing folder": (["--train_data_dir", "{root}/nope"], "does not exist"),
     "empty folder": (["--train_data_dir", "{root}/empty"], "is empty"),
     "no readable images": (["--train_data_dir", "{root}/junk"], "no readable images"),
-    "resolution not divisible": (["--train_data_dir", "{images}", "--resolution", "15"], "not divisible by 2"),
+    "resolution not divisible": (["--train_data_dir", "{images}", "--resolution", "15"], "must be divisible by 2"),
     "resolution vs sample_size": (["--train_data_dir", "{images}", "--model_config_name_or_path", "{root}/s8.json"],
                                   "differs from sample_size=8"),
     "unknown value": (["--train_data_dir", "{images}", "--lr_scheduler", "sometimes"], "invalid choice"),

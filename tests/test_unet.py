@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from diffusers import UNet2DModel
+
 from ddpm import kernels
 from ddpm.unet import UNet, UNetConfig, UNetOutput
 
@@ -160,62 +162,140 @@ def test_output_layout_follows_input_layout(in_channels: int) -> None:
 
 
 # --- frozen_weights(): prepacked convolution weights at inference --------------------------------------------------
+# Checked against diffusers' UNet2DModel with the same weights (an independent reference), not against ddpm itself.
 
-def test_frozen_weights_match_plain_calls_and_see_weight_updates() -> None:
-    unet, twin = tiny_unet(seed=3).eval(), tiny_unet(seed=3).eval()
+def twins(seed: int) -> tuple[UNet, UNet2DModel]:
+    """ddpm's UNet and diffusers' UNet2DModel with the same (seeded) weights."""
+    torch.manual_seed(seed)
+    ref = UNet2DModel(**TINY).eval()
+    ours = UNet(**TINY).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def close_to(got: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> bool:
+    return (got - expected).abs().max().item() <= tol * expected.abs().max().item()
+
+
+def test_frozen_weights_match_diffusers_and_see_weight_updates() -> None:
+    unet, ref = twins(seed=3)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 x 8 x 8: prepacked
-    with torch.no_grad():
-        plain = unet(x, 5).sample
-        with unet.frozen_weights():
-            frozen = unet(x, 5).sample
-            packed = dict(kernels._FROZEN[-1])
-            assert packed, "nothing was prepacked"
-            with unet.frozen_weights():  # nested blocks share the cache
-                assert kernels._FROZEN[-1] is kernels._FROZEN[0]
-            # in-place updates bump the version counters: an optimizer-like step and a load_state_dict
-            for p in unet.parameters():
+    other = UNet2DModel(**TINY).state_dict()
+    with torch.no_grad(), unet.frozen_weights():
+        assert close_to(unet(x, 5).sample, ref(x, 5).sample)
+        assert unet.conv_in.packed is not None and len(unet.conv_in.packed) > 0, "nothing was prepacked"
+        with unet.frozen_weights():  # nested blocks share the open cache
+            assert unet.conv_in.packed is unet.up_blocks[0].upsamplers[0].packed
+        # in-place updates bump the version counters: an optimizer-like step and a load_state_dict
+        for model in (unet, ref):
+            for p in model.parameters():
                 p.mul_(1.5)
-            stepped = unet(x, 5).sample
-            unet.load_state_dict(tiny_unet(seed=4).state_dict())
-            loaded = unet(x, 5).sample
-        assert not kernels._FROZEN  # released at the end of the block
-        for p in twin.parameters():
-            p.mul_(1.5)
-        stepped_plain = twin(x, 5).sample
-        loaded_plain = tiny_unet(seed=4).eval()(x, 5).sample
-    torch.testing.assert_close(frozen, plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stepped, stepped_plain, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loaded, loaded_plain, rtol=1e-5, atol=1e-6)
+        assert close_to(unet(x, 5).sample, ref(x, 5).sample)
+        unet.load_state_dict(other)
+        ref.load_state_dict(other)
+        assert close_to(unet(x, 5).sample, ref(x, 5).sample)
+    assert unet.conv_in.packed is None  # released at the end of the block
+
+
+def test_frozen_weights_is_scoped_to_one_unet() -> None:
+    (unet, ref), (bystander, bystander_ref) = twins(seed=4), twins(seed=5)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), unet.frozen_weights():
+        out = bystander(x, 7).sample
+        assert bystander.conv_in.packed is None
+        copy_made_inside = copy.deepcopy(unet)  # a copy packs nothing, inside the block or after it
+        assert close_to(copy_made_inside(x, 7).sample, ref(x, 7).sample)
+        packed = copy_made_inside.conv_in.packed
+        assert packed is not None and len(packed) == 0 and not packed.open
+    assert close_to(out, bystander_ref(x, 7).sample)
+    with torch.no_grad():  # after the block the copy still packs nothing, and sees weight changes
+        for model in (copy_made_inside, ref):
+            for p in model.parameters():
+                p.data.mul_(0.5)
+        assert close_to(copy_made_inside(x, 7).sample, ref(x, 7).sample)
 
 
 def test_frozen_weights_under_bf16_autocast_and_with_grad() -> None:
-    unet = tiny_unet(seed=5).eval()
+    unet, ref = twins(seed=5)
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = unet(x, 9).sample
+        expected = ref(x, 9).sample.float()
         with unet.frozen_weights():
-            frozen = unet(x, 9).sample
-            assert any(p[2] == torch.bfloat16 for _, _, p in kernels._FROZEN[-1].values())
-    torch.testing.assert_close(frozen, plain, rtol=2e-2, atol=2e-2)
+            got = unet(x, 9).sample.float()
+            packed = unet.conv_in.packed
+            assert packed is not None and (torch.bfloat16 in packed.dtypes()) == kernels.applies(x)
+    assert close_to(got, expected, tol=3e-2)  # bf16 on both sides
     with unet.frozen_weights():  # with autograd on, nothing is prepacked and gradients flow
         unet(x, 9).sample.sum().backward()
-        assert not kernels._FROZEN[-1]
+        assert unet.conv_in.packed is not None and len(unet.conv_in.packed) == 0
     assert all(p.grad is not None for p in unet.conv_in.parameters())
 
 
-def test_model_copies_after_frozen_use() -> None:
-    unet = tiny_unet(seed=6).eval()
-    x = torch.randn(1, 3, 8, 8)
-    with torch.no_grad(), unet.frozen_weights():
-        out = unet(x, 2).sample
-        twin = copy.deepcopy(unet)  # the cache lives outside the module: nothing unpicklable on it
-        torch.testing.assert_close(twin(x, 2).sample, out)
+# --- diffusers' ModelMixin surface, checked against diffusers ----------------------------------------------------
+
+SURFACE_CASES = {
+    "attention": {},
+    "learned-and-class-embeds": dict(time_embedding_type="learned", num_train_timesteps=10, num_class_embeds=5),
+    "fourier": dict(time_embedding_type="fourier"),
+}
 
 
-def test_dtype_and_device_properties() -> None:
-    unet = tiny_unet()
-    assert unet.dtype == torch.float32 and unet.device == torch.device("cpu")
-    assert unet.to(torch.float64).dtype == torch.float64
+@pytest.mark.parametrize("case", list(SURFACE_CASES))
+def test_model_surface_matches_diffusers(case: str) -> None:
+    cfg = {**TINY, **SURFACE_CASES[case]}
+    torch.manual_seed(0)
+    ref, ours = UNet2DModel(**cfg), UNet(**cfg)
+    assert ours.dtype == ref.dtype == torch.float32 and ours.device == ref.device == torch.device("cpu")
+    for only_trainable in (False, True):
+        for exclude_embeddings in (False, True):
+            assert ours.num_parameters(only_trainable, exclude_embeddings) == ref.num_parameters(
+                only_trainable=only_trainable, exclude_embeddings=exclude_embeddings), (only_trainable,
+                                                                                        exclude_embeddings)
+    assert UNet._supports_gradient_checkpointing is UNet2DModel._supports_gradient_checkpointing is True
+    assert UNet._keep_in_fp32_modules == UNet2DModel._keep_in_fp32_modules
+    assert ours.to(torch.float64).dtype == ref.to(torch.float64).dtype == torch.float64
+
+
+def test_gradient_checkpointing_switches_as_in_diffusers() -> None:
+    torch.manual_seed(0)
+    ref, ours = UNet2DModel(**TINY), UNet(**TINY)
+    ours.load_state_dict(ref.state_dict())
+    calls: dict[str, list[str]] = {"diffusers": [], "ddpm": []}
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    grads = {}
+    for side, model in (("diffusers", ref), ("ddpm", ours)):
+        assert not model.is_gradient_checkpointing
+
+        def recording(layer: torch.nn.Module, *args: Any, side: str = side) -> Any:
+            calls[side].append(type(layer).__name__)
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+
+        model.enable_gradient_checkpointing(recording)
+        assert model.is_gradient_checkpointing
+        model(x, t).sample.square().mean().backward()
+        grads[side] = {n: p.grad for n, p in model.named_parameters()}
+        model.disable_gradient_checkpointing()
+        assert not model.is_gradient_checkpointing
+        with torch.no_grad():  # no checkpointing without autograd
+            model(x, t)
+    assert calls["ddpm"] == calls["diffusers"] and len(calls["ddpm"]) > 3
+    for name, g in grads["diffusers"].items():
+        torch.testing.assert_close(grads["ddpm"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_register_to_config_replaces_values_as_in_diffusers() -> None:
+    torch.manual_seed(0)
+    ref, ours = UNet2DModel(**TINY), UNet(**TINY)
+    for model in (ref, ours):  # model surgery, then the config follows: a 4-channel input
+        model.conv_in = torch.nn.Conv2d(4, 8, kernel_size=3, padding=1)
+        model.register_to_config(in_channels=4)
+    assert ours.config.in_channels == ref.config.in_channels == 4
+    assert isinstance(ours.config, UNetConfig) and ours.config.block_out_channels == (8, 16)
+    assert ours(torch.randn(1, 4, 8, 8), 3).sample.shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="not_a_key"):
+        ours.register_to_config(not_a_key=1)
+    with pytest.raises(ValueError, match="layers_per_block"):
+        ours.register_to_config(layers_per_block=0)
 
 
 # --- loading and saving -------------------------------------------------------------------------------------------
@@ -299,3 +379,14 @@ def test_hub_id_offline_says_a_local_path_works(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="local"):
         UNet.from_pretrained("someone/nothing")
+
+
+def test_block_tables_agree_with_the_config_description() -> None:
+    from ddpm import blocks
+    from ddpm.unet_config import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES
+
+    for classes, skip_classes, described in ((blocks.DOWN_BLOCKS, blocks.SKIP_DOWN_BLOCKS, DOWN_BLOCK_TYPES),
+                                            (blocks.UP_BLOCKS, blocks.SKIP_UP_BLOCKS, UP_BLOCK_TYPES)):
+        assert set(classes) | set(skip_classes) == set(described) and not set(classes) & set(skip_classes)
+        assert {name for name, kind in described.items() if kind.resample == "fir"} == set(skip_classes)
+        assert all(cls.__name__ == name for name, cls in {**classes, **skip_classes}.items())

@@ -8,18 +8,23 @@ and loads it back into diffusers. Tolerance: relative error max|a - b| / max|b| 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from diffusers import UNet2DModel
 
+from ddpm import blocks as ddpm_blocks
 from ddpm import kernels
 from ddpm.unet import UNet, UNetConfig
 
 REL_TOL = 1e-4
+SMALL = {k: v for k, v in json.loads((Path(__file__).parent.parent / "ddpm" / "assets" / "unet-small.json").read_text()
+                                      ).items() if not k.startswith("_")}  # the default laptop model
 
 
 BASE: dict[str, Any] = dict(
@@ -111,6 +116,14 @@ def make_inputs(cfg: dict[str, Any], seed: int) -> tuple[torch.Tensor, list[Any]
     return sample, timesteps, labels
 
 
+@pytest.fixture(params=["cpu-kernels", "plain"])
+def kernels_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every parity case twice: with the CPU kernels behind ddpm/kernels.py's door, and with the plain PyTorch
+    layers that CUDA and torch.compile run (the door shut for the test, as DDPM_CPU_KERNELS=0 shuts it)."""
+    with kernels.enabled(request.param == "cpu-kernels"):
+        yield request.param
+
+
 def grads(model: torch.nn.Module, out: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     (out * weight).sum().backward()
@@ -118,7 +131,7 @@ def grads(model: torch.nn.Module, out: torch.Tensor, weight: torch.Tensor) -> di
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
+def test_matches_diffusers_both_directions(name: str, kernels_mode: str, tmp_path: Path) -> None:
     cfg = CASES[name]
     torch.manual_seed(0)
     ref = UNet2DModel(**cfg).eval()
@@ -129,6 +142,7 @@ def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
     sample, timesteps, labels = make_inputs(cfg, seed=2)
+    assert kernels.applies(sample) == (kernels_mode == "cpu-kernels")
     for t in timesteps:
         with torch.no_grad():
             expected = ref(sample, t, class_labels=labels).sample
@@ -142,7 +156,8 @@ def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
         expected = ref(sample[:1], t1, class_labels=labels1).sample
         with ours.frozen_weights():
             got = ours(sample[:1], t1, class_labels=labels1).sample
-            assert kernels._FROZEN[-1], "no convolution took a prepacked weight"
+            packed = ours.conv_in.packed
+            assert packed is not None and (len(packed) > 0) == (kernels_mode == "cpu-kernels"), "prepacked?"
     assert rel_err(got, expected) <= REL_TOL, (name, "frozen_weights, batch 1")
 
     # Gradients of a fixed linear functional of the output, per-sample timesteps, for every named parameter.
@@ -172,6 +187,46 @@ def test_matches_diffusers_both_directions(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         assert rel_err(back(sample, timesteps[-1], class_labels=labels).sample,
                        ours(sample, timesteps[-1], class_labels=labels).sample) <= REL_TOL
+
+
+# --- same seed, same initial weights; same module names and classes ---------------------------------------------
+
+def built_after_seed(cls: Any, cfg: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model built right after torch.manual_seed(0), and the next three numbers the generator gives."""
+    torch.manual_seed(0)
+    model = cls(**cfg)
+    return model, torch.randn(3)
+
+
+@pytest.mark.parametrize("name", list(CASES) + ["unet-small"])
+def test_same_seed_same_initial_weights(name: str) -> None:
+    cfg = CASES[name] if name in CASES else SMALL
+    ref, ref_next = built_after_seed(UNet2DModel, cfg)
+    ours, our_next = built_after_seed(UNet, cfg)
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert list(our_state) == list(ref_state)
+    for key, value in ref_state.items():
+        assert torch.equal(our_state[key], value), key
+    assert torch.equal(our_next, ref_next)  # the same number of random draws: later draws agree too
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_module_names_and_classes_match_diffusers(name: str) -> None:
+    # Every diffusers module that holds parameters (and every block) has our module of the same class name under
+    # the same name, so hooks and isinstance / class-name checks written against diffusers find ours. Left out:
+    # diffusers' parameter-free resampling modules inside ResNet blocks (Downsample2D(use_conv=False), ...).
+    with torch.device("meta"):
+        ref, ours = UNet2DModel(**CASES[name]), UNet(**CASES[name])
+    our_modules = dict(ours.named_modules())
+    for qualname, module in ref.named_modules():
+        if qualname and any(True for _ in module.parameters()):
+            assert qualname in our_modules, qualname
+            assert type(our_modules[qualname]).__name__ == type(module).__name__, qualname
+    cfg = UNetConfig(**CASES[name])
+    for blocks, names in ((ours.down_blocks, cfg.down_block_types), (ours.up_blocks, cfg.up_block_types)):
+        for block, block_type in zip(blocks, names):
+            assert type(block).__name__ == block_type.removeprefix("UNetRes")
+            assert isinstance(block, getattr(ddpm_blocks, block_type.removeprefix("UNetRes")))
 
 
 # --- real configs: structure only -------------------------------------------------------------------------------

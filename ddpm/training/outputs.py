@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ddpm import checkpoint
-from ddpm.errors import first_line
 from ddpm.config import read_json
+from ddpm.errors import first_line
 from ddpm.training.args import TrainConfig
 from ddpm.training.checkpoints import (ABANDONED_PREFIX, MARKER, PREFIX, TMP_PREFIX, checkpoint_folders,
                                        is_complete, normalised_unet_config, without_metadata)
 from ddpm.training.lock import LOCK_NAME
+from ddpm.unet_config import UNetConfig, check_resolution
 
 # train_unconditional.py's default model: six levels, attention in the 5th down and 2nd up block.
 SCRIPT_UNET: dict[str, Any] = {
@@ -67,11 +68,8 @@ def model_config(config: TrainConfig) -> dict[str, Any]:
     elif size not in (config.resolution, [config.resolution] * 2):
         raise ValueError(f"--resolution {config.resolution} differs from sample_size={size} in {where}; pass "
                          f"--resolution {size if isinstance(size, int) else size[0]} or change the config")
-    levels = len(raw.get("block_out_channels", (224, 448, 672, 896)))  # UNet2DModel's default has 4 levels
-    factor = 2 ** (levels - 1)
-    if config.resolution % factor:
-        raise ValueError(f"--resolution {config.resolution} is not divisible by {factor}: the model ({where}) "
-                         f"halves the image {levels - 1} times; use a multiple of {factor}")
+    levels = len(raw.get("block_out_channels", UNetConfig.block_out_channels))
+    check_resolution(f"--resolution {config.resolution} ({where})", config.resolution, levels)
     if raw.get("in_channels", 3) not in (1, 3) or raw.get("out_channels", 3) != raw.get("in_channels", 3):
         raise ValueError(f"in_channels={raw.get('in_channels', 3)} and out_channels={raw.get('out_channels', 3)} "
                          f"in {where}: the trainer needs 3 (RGB) or 1 (grayscale) for both")

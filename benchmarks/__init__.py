@@ -1,0 +1,1 @@
+"""Benchmarks of ddpm against diffusers; the command line is benchmarks/run.py."""
