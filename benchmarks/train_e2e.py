@@ -184,11 +184,12 @@ def data_only(args: argparse.Namespace, images: Path, workdir: Path) -> dict[str
     from torchvision import transforms
 
     from ddpm import data
+    from ddpm.training.dataset import EpochSampler, TrainDataset
 
     batch, r = args.train_batch_size, args.resolution
     source = data.open_image_folder(str(images), str(workdir / "cache-ddpm"))
-    dataset = data.TrainDataset(source, data.readable_rows(source), data.Preprocess(r, channels=3), seed=0)
-    sampler = data.EpochSampler(len(dataset), seed=0)
+    dataset = TrainDataset(source, data.readable_rows(source), data.Preprocess(r, channels=3), seed=0)
+    sampler = EpochSampler(len(dataset), seed=0)
     ours = DataLoader(dataset, batch_size=batch, sampler=sampler, generator=torch.Generator().manual_seed(0))
     folder = datasets.load_dataset("imagefolder", data_dir=str(images), cache_dir=str(workdir / "cache-diffusers"),
                                    split="train")

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ddpm import schedule as S
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 DPMAlgorithm = Literal["dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"]
@@ -127,14 +129,8 @@ def karras_family_timesteps(num_train_timesteps: int, n: int, spacing: TimestepS
 def to_data_prediction(prediction_type: str, model_output: Tensor, sample: Tensor, alpha_t: float,
                        sigma_t: float) -> Tensor:
     """x_θ(x_t, t), the data prediction DPM-Solver++ and UniPC integrate (Lu et al. 2022b, Sec. 4), from an ε-, v-
-    or x_0-predicting model: x_0 = (x_t − σ_t ε)/α_t, x_0 = α_t x_t − σ_t v (Salimans & Ho 2022), or x_0 itself."""
-    if prediction_type == "epsilon":
-        return torch.sub(sample, sigma_t * model_output).div_(alpha_t)
-    if prediction_type == "v_prediction":
-        return (alpha_t * sample).sub_(sigma_t * model_output)
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"prediction_type={prediction_type!r} is not supported")
+    or x_0-predicting model: DDPM's x_0 prediction (``schedule.predict_x0``) with α_t = √ᾱ_t and σ_t = √(1 − ᾱ_t)."""
+    return S.predict_x0(cast(S.PredictionType, prediction_type), model_output, sample, alpha_t, sigma_t)
 
 
 def to_noise_prediction(prediction_type: str, model_output: Tensor, sample: Tensor, alpha_t: float,

@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision import transforms
 
 from ddpm import data
+from ddpm.training.dataset import EpochSampler, TrainDataset
 
 
 def test_embedded_subset_is_balanced_fashion_mnist():
@@ -64,14 +65,14 @@ def test_grayscale_becomes_rgb_and_16_bit_keeps_precision():
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():
-    s = data.EpochSampler(10, seed=3)
+    s = EpochSampler(10, seed=3)
     s.set_epoch(0)
     first = list(s)
     assert sorted(p for p, _ in first) == list(range(10)) and {e for _, e in first} == {0}
     s.set_epoch(1)
     second = list(s)
     assert [p for p, _ in second] != [p for p, _ in first]
-    fresh = data.EpochSampler(10, seed=3)
+    fresh = EpochSampler(10, seed=3)
     fresh.set_epoch(1)
     assert list(fresh) == second
 
@@ -88,7 +89,7 @@ def test_folder_with_corrupt_image_skips_it_with_a_warning(tmp_path, caplog):
         rows = data.readable_rows(source)
     assert len(rows) == 3
     assert "broken.png" in caplog.text
-    dataset = data.TrainDataset(source, rows, data.Preprocess(8, center_crop=True), seed=0)
+    dataset = TrainDataset(source, rows, data.Preprocess(8, center_crop=True), seed=0)
     item = dataset[(2, 0)]
     assert item["input"].shape == (3, 8, 8) and item["index"] == rows[2]
 
@@ -148,8 +149,8 @@ def _random_rgb(rng, count, size):
 def test_batches_are_a_function_of_seed_epoch_and_row_whatever_the_cache_or_batching(tmp_path):
     _, source = _folder(tmp_path, _random_rgb(np.random.default_rng(0), 6, (9, 14)))
     pre = data.Preprocess(8, random_flip=True)
-    cached = data.TrainDataset(source, range(6), pre, seed=5)
-    uncached = data.TrainDataset(source, range(6), pre, seed=5, cache_bytes=0)
+    cached = TrainDataset(source, range(6), pre, seed=5)
+    uncached = TrainDataset(source, range(6), pre, seed=5, cache_bytes=0)
     keys = [(p, e) for e in range(3) for p in range(6)]
     together = cached.__getitems__(keys)  # one batch of all 18 keys
     one_by_one = [uncached[k] for k in reversed(keys)][::-1]
@@ -157,7 +158,7 @@ def test_batches_are_a_function_of_seed_epoch_and_row_whatever_the_cache_or_batc
         assert a["index"] == b["index"] and torch.equal(a["input"], b["input"])
     epochs = [torch.stack([item["input"] for item in together[6 * e:6 * e + 6]]) for e in range(3)]
     assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])  # new crops each epoch
-    other_seed = data.TrainDataset(source, range(6), pre, seed=6).__getitems__(keys[:6])
+    other_seed = TrainDataset(source, range(6), pre, seed=6).__getitems__(keys[:6])
     assert not all(torch.equal(a["input"], b["input"]) for a, b in zip(other_seed, together))
     # Each item is a window of its resized image (14x9 -> 12x8), maybe mirrored, in [-1, 1] as the script makes it.
     reference = transforms.Compose([transforms.Resize(8), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
@@ -170,8 +171,8 @@ def test_batches_are_a_function_of_seed_epoch_and_row_whatever_the_cache_or_batc
 
 def test_second_epoch_reads_the_cache_not_the_files(tmp_path):
     folder, source = _folder(tmp_path, _random_rgb(np.random.default_rng(1), 4, (8, 8)))
-    cached = data.TrainDataset(source, range(4), data.Preprocess(8), seed=0)
-    uncached = data.TrainDataset(source, range(4), data.Preprocess(8), seed=0, cache_bytes=0)
+    cached = TrainDataset(source, range(4), data.Preprocess(8), seed=0)
+    uncached = TrainDataset(source, range(4), data.Preprocess(8), seed=0, cache_bytes=0)
     first = cached.__getitems__([(p, 0) for p in range(4)])
     assert len(cached._cache) == 4 and len(uncached._cache) == 0
     (folder / "2.png").unlink()
@@ -179,7 +180,7 @@ def test_second_epoch_reads_the_cache_not_the_files(tmp_path):
     assert all(torch.equal(a["input"], b["input"]) for a, b in zip(first, again))  # square: no crop, no flip
     with pytest.raises(data.DataError, match="2.png can no longer be read"):
         uncached.__getitems__([(p, 1) for p in range(4)])
-    small = data.TrainDataset(source, [0, 1, 3], data.Preprocess(8), seed=0, cache_bytes=2 * 3 * 8 * 8)
+    small = TrainDataset(source, [0, 1, 3], data.Preprocess(8), seed=0, cache_bytes=2 * 3 * 8 * 8)
     small.__getitems__([(p, 0) for p in range(3)])
     assert len(small._cache) == 2  # the cap: two 3x8x8 uint8 images
 
@@ -188,8 +189,8 @@ def test_a_worker_error_names_the_file(tmp_path):
     folder, source = _folder(tmp_path, _random_rgb(np.random.default_rng(2), 4, (8, 8)))
     rows = data.readable_rows(source)
     (folder / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n changed since the check")
-    dataset = data.TrainDataset(source, rows, data.Preprocess(8), seed=0)
-    sampler = data.EpochSampler(len(dataset), seed=0)
+    dataset = TrainDataset(source, rows, data.Preprocess(8), seed=0)
+    sampler = EpochSampler(len(dataset), seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=1)
     with pytest.raises(data.DataError) as info:
         next(iter(loader))
@@ -254,10 +255,10 @@ def test_resize_is_torchvisions_bit_for_bit_on_images_and_tensors(size):
 
 def test_worker_processes_change_no_batch(tmp_path):
     _, source = _folder(tmp_path, _random_rgb(np.random.default_rng(5), 10, (10, 13)))
-    dataset = data.TrainDataset(source, range(10), data.Preprocess(8, random_flip=True), seed=3)
+    dataset = TrainDataset(source, range(10), data.Preprocess(8, random_flip=True), seed=3)
     batches = {}
     for workers in (0, 2):
-        sampler = data.EpochSampler(len(dataset), seed=3)
+        sampler = EpochSampler(len(dataset), seed=3)
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers)
         batches[workers] = []
         for epoch in range(2):

@@ -208,7 +208,7 @@ def test_resumes_at_an_epoch_boundary_continue_or_finish_exactly(files, tmp_path
     (["--train_data_dir", "no/such/folder"], ["no/such/folder"]),
     (["--dataset_name", "someone/offline-dataset"], ["--train_data_dir"]),
     (["--logging_dir", "model_index.json"], ["model_index.json", "not a folder"]),
-    (["--resolution", "15"], ["not divisible"]),
+    (["--resolution", "15"], ["--resolution 15", "must be divisible by 2"]),
     (["--learning_rate", "inf"], ["--learning_rate"]),
 ])
 def test_overwrite_output_dir_deletes_nothing_until_everything_is_checked(files, copy, capsys, bad, words):

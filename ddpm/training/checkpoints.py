@@ -185,11 +185,11 @@ def save_checkpoint(accelerator: Any, output_dir: str, step: int, state: Trainer
                         "files": {rel: describe(tmp / rel) for rel in _relative_files(tmp)}}
             _fsync_tree(tmp)
             _write_bytes(tmp / MARKER, (json.dumps(manifest, indent=2) + "\n").encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # not ours (ours never appear half-written): kept aside, never deleted
                 _set_aside(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(f"could not write {final.name} in {root}: {first_line(e)}; the earlier "
@@ -334,10 +334,11 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        _fsync_dir(path)
+        fsync_dir(path)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (renames, new files) durable; a no-op where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # platforms without directory file descriptors (Windows)

@@ -48,6 +48,7 @@ from ddpm.training import checkpoints, outputs
 from ddpm.training import resume as resume_module
 from ddpm.training.args import GPU_HINT, TrainConfig, config_for_logging
 from ddpm.training.checkpoints import TrainerState, TrainingObjects
+from ddpm.training.dataset import EpochSampler, TrainDataset
 from ddpm.training.loss import diffusion_loss
 from ddpm.training.lr import get_scheduler
 from ddpm.training.processes import any_process, on_main, output_folder, reset_accelerate, say, setup_logging
@@ -173,8 +174,8 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
     preprocess = data.Preprocess(config.resolution, config.center_crop, config.random_flip,
                                  channels=model.config.in_channels,
                                  preserve_input_precision=config.preserve_input_precision)
-    dataset = data.TrainDataset(source, rows, preprocess, seed)
-    sampler = data.EpochSampler(len(dataset), seed)
+    dataset = TrainDataset(source, rows, preprocess, seed)
+    sampler = EpochSampler(len(dataset), seed)
     train_dataloader = DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                   num_workers=config.dataloader_num_workers,
                                   persistent_workers=config.dataloader_num_workers > 0,  # workers keep their cache

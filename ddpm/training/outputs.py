@@ -14,7 +14,7 @@ from ddpm.config import read_json
 from ddpm.errors import first_line
 from ddpm.training.args import TrainConfig
 from ddpm.training.checkpoints import (ABANDONED_PREFIX, MARKER, PREFIX, TMP_PREFIX, checkpoint_folders,
-                                       is_complete, normalised_unet_config, without_metadata)
+                                       fsync_dir, is_complete, normalised_unet_config, without_metadata)
 from ddpm.training.lock import LOCK_NAME
 from ddpm.unet_config import UNetConfig, check_resolution
 
@@ -197,19 +197,19 @@ class StagedPipeline:
             current = (self.out / index).is_file()
             if current and self.differing == [weights]:
                 os.replace(self.stage / weights, self.out / weights)  # the swap: one rename
-                _fsync_dir(self.out / "unet")
+                fsync_dir(self.out / "unet")
             elif self.differing:
                 if current:
                     (self.out / index).unlink()
-                    _fsync_dir(self.out)
+                    fsync_dir(self.out)
                 for rel in sorted(self.differing, key=lambda r: r == index):  # model_index.json last
                     target = self.out / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(self.stage / rel, target)
-                    _fsync_dir(target.parent)
+                    fsync_dir(target.parent)
                 if index not in self.differing:
                     os.replace(self.stage / index, self.out / index)
-                _fsync_dir(self.out)
+                fsync_dir(self.out)
         except OSError as e:
             raise OSError(f"could not save the pipeline in {self.out}: {first_line(e)}") from e
         finally:
@@ -240,17 +240,6 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "_diffusers_version"}
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
