@@ -318,3 +318,29 @@ def test_diffusers_deliberate_nan_cases_are_finite_here():
         for t in ours.timesteps:
             y = ours.step(0.5 * y, t, y).prev_sample
         assert torch.isfinite(y).all()
+
+
+def test_sampler_takes_only_the_training_schedule_from_the_config(tmp_path):
+    # Built one after another, each from the previous sampler's config (as a script swapping samplers on one
+    # pipeline does), every sampler is what diffusers builds from the saved schedule with that sampler's settings:
+    # no order, algorithm or noise-level choice leaks from one to the next.
+    from ddpm.schedulers import SAMPLERS, sampler
+
+    DDPMScheduler(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2",
+                  prediction_type="v_prediction").save_pretrained(tmp_path)
+    config = DDPMScheduler.from_pretrained(tmp_path).config
+    chain = [("dpm", {"solver_order": 3, "karras_sigmas": True}), ("sde-dpm", {}), ("unipc", {}), ("dpm", {}),
+             ("euler", {}), ("heun", {"karras_sigmas": True}), ("ddim", {}), ("ddpm", {})]
+    for name, flags in chain:
+        ours = sampler(name, config, **flags)
+        class_name, settings = SAMPLERS[name]
+        settings = {**settings, **({"solver_order": flags["solver_order"]} if "solver_order" in flags else {}),
+                    **({"use_karras_sigmas": True} if flags.get("karras_sigmas") else {})}
+        theirs = getattr(diffusers, class_name).from_pretrained(tmp_path, **settings)
+        assert type(ours).__name__ == class_name
+        for key in ("algorithm_type", "solver_order", "use_karras_sigmas", "prediction_type", "timestep_spacing"):
+            assert ours.config.get(key) == theirs.config.get(key), (name, key)
+        ours.set_timesteps(7)
+        theirs.set_timesteps(7)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist(), name
+        config = ours.config

@@ -52,9 +52,17 @@ SOLVER_ORDER_SAMPLERS = ("dpm", "sde-dpm", "unipc")
 KARRAS_SAMPLERS = ("dpm", "sde-dpm", "unipc", "euler", "heun")
 
 
+# What a sampler takes from the config it is built on: the model's training schedule and how its timesteps are
+# spaced. Everything else (another sampler's order, algorithm, noise levels) is that sampler's own choice, so
+# sampler("dpm", an SDE-DPM-Solver's config) is DPM-Solver++(2M), not the SDE variant carried over by from_config.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+
+
 def sampler(name: str, config: Any, solver_order: int | None = None, karras_sigmas: bool = False) -> AnyScheduler:
-    """The sampler ``name`` (a key of ``SAMPLERS``) on the training schedule of ``config`` (any scheduler's config),
-    with ``solver_order`` (multistep samplers) or Karras noise levels (σ-based samplers) when given."""
+    """The sampler ``name`` (a key of ``SAMPLERS``) with its own defaults, on the training schedule of ``config``
+    (any scheduler's config: its ``SCHEDULE_KEYS``), with ``solver_order`` (multistep samplers) or Karras noise
+    levels (σ-based samplers) when given."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     class_name, settings = SAMPLERS[name]
@@ -68,7 +76,10 @@ def sampler(name: str, config: Any, solver_order: int | None = None, karras_sigm
         if name not in KARRAS_SAMPLERS:
             raise ValueError(f"Karras sigmas apply to the σ-based samplers ({', '.join(KARRAS_SAMPLERS)}), not to {name}")
         settings["use_karras_sigmas"] = True
-    return cast(AnyScheduler, SCHEDULERS[class_name].from_config(config, **settings))
+    schedule = {k: v for k, v in dict(config).items() if k in SCHEDULE_KEYS}
+    defaulted = [k for k in dict(config).get("_use_default_values", ()) if k in schedule]  # as from_config reads it
+    schedule.update({"_use_default_values": defaulted} if defaulted else {})
+    return cast(AnyScheduler, SCHEDULERS[class_name].from_config(schedule, **settings))
 
 
 __all__ = ["SCHEDULERS", "SAMPLERS", "sampler", "AnyScheduler", "SOLVER_ORDER_SAMPLERS", "KARRAS_SAMPLERS", "BaseScheduler", "SchedulerOutput", "SchedulerConfig", "Generator", "draw_noise",
