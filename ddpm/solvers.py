@@ -97,14 +97,22 @@ def solver_timesteps(num_train_timesteps: int, n: int, spacing: TimestepSpacing,
     """Integer timesteps of the multistep solvers (DPM-Solver, UniPC): n of n + 1 evenly spaced points, the last
     point (t = 0) being where the solver ends rather than a model call. ``last_timestep`` (default T) is one past
     the largest usable timestep. Values and rounding match diffusers; trailing never gives more than n (diffusers'
-    ``np.arange`` sometimes appends a spurious timestep −1). int64 [n], descending."""
+    ``np.arange`` sometimes appends a spurious timestep −1). int64 [≤ n], strictly descending.
+
+    A solver step must lower σ (its step size is h = λ_t − λ_s > 0), so the points must be distinct timesteps. Near
+    n = last − 1 linspace rounds two points to one timestep, and leading spacing's stride last // (n + 1) becomes 0;
+    there the stride is at least 1, the points are kept below ``last`` and repeats are merged, so asking for more
+    steps than there are timesteps runs every timestep once (n = last − 1's schedule). diffusers keeps the repeats
+    and returns NaN (docs/parity.md)."""
     T = num_train_timesteps
     last = T if last_timestep is None else last_timestep
-    if spacing == "linspace":
-        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    if spacing == "leading":
-        ratio = last // (n + 1)
-        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    if spacing in ("linspace", "leading"):
+        if spacing == "linspace":
+            points = np.linspace(0, last - 1, n + 1).round()
+        else:
+            points = np.arange(0, n + 1) * max(last // (n + 1), 1) + steps_offset
+        points = np.minimum(points[::-1][:-1], last - 1).astype(np.int64)
+        return points[np.concatenate([[True], points[1:] < points[:-1]])]
     if spacing == "trailing":
         return (np.arange(last, 0, -T / n).round().astype(np.int64) - 1)[:n]
     raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose 'linspace', 'leading' or 'trailing'")

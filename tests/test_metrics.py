@@ -337,9 +337,11 @@ def test_evaluate_cli_appends_metrics_and_reuses_the_cache(tiny_pipeline, digit_
     assert "training the feature" not in out + err  # the cached extractor is reused
     assert len(list((tmp_path / "feature_extractors").glob("*.safetensors"))) == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["scheduler"] for r in records] == ["DDIMScheduler", "DDPMScheduler"]  # the default, then --scheduler
+    assert [r["scheduler"] for r in records] == ["DPMSolverMultistepScheduler", "DDPMScheduler"]  # the default, then --scheduler
+    # the steps that ran: a multistep solver has 2 distinct steps on a 3-timestep model (docs/parity.md), DDPM 3
+    assert [r["num_inference_steps"] for r in records] == [2, 3]
     for r in records:
-        assert r["num_images"] == r["num_real_images"] == 24 and r["num_inference_steps"] == 3
+        assert r["num_images"] == r["num_real_images"] == 24
         assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["kid"])
         assert "fid" not in r  # not Inception's space: not an FID
         assert r["feature_extractor"] == "ddpm dataset CNN (classes, 64-d)"  # class sub-folders are labels
@@ -379,18 +381,21 @@ def test_evaluate_a_checkpoint_logs_into_its_run_at_its_step(tiny_pipeline, digi
 
 
 def test_evaluate_defaults_are_fast(tmp_path):
-    # The defaults the docs promise run in minutes on a 2-core CPU: 500 images, 50 DDIM steps, 300 CNN steps.
+    # The defaults the docs promise run in minutes on a 2-core CPU: 500 images, 20 SDE-DPM-Solver++ steps, 300 CNN
+    # steps.
     from ddpm.cli import open_pipeline
 
     config = evaluate.parse_args(["--model", "m"])
     assert config == evaluate.EvalConfig(model="m")  # the CLI and the Python API agree
     assert (config.num_images, config.scheduler, config.num_inference_steps, config.extractor_steps) == \
-        (500, "ddim", None, 300)
+        (500, "sde-dpm", None, 300)
     torch.manual_seed(0)
     unet = UNet(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     Pipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")  # 1000 training steps
-    assert open_pipeline(str(tmp_path / "m")).num_inference_steps == 50  # None: DDIM's own count
+    loaded = open_pipeline(str(tmp_path / "m"))
+    assert loaded.num_inference_steps == 20  # None: the sampler's own count
+    assert loaded.pipeline.scheduler.config.algorithm_type == "sde-dpmsolver++"
 
 
 def test_inception_needs_torch_fidelity_one_line_error(tiny_pipeline, digit_folder, tmp_path, capsys, monkeypatch):

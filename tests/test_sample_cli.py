@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from ddpm import DDIMScheduler, DDPMScheduler, Pipeline, UNet, sample
-from ddpm.cli import run
+from ddpm.cli import DEFAULT_SCHEDULER, run
+from ddpm.schedulers import sampler
 
 TINY = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
@@ -78,18 +79,24 @@ def test_writes_grid_and_single_images(tiny_pipeline, tmp_path, scheduler):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "00001.png")), np.asarray(Image.open(out2 / "00001.png")))
 
 
-def test_default_sampler_is_ddim_with_its_own_step_count(tmp_path, capsys):
-    # 50 DDIM steps on a 1000-step model; on a 20-step model, all 20.
-    for timesteps, steps in ((1000, 50), (20, 20)):
+def test_default_sampler_is_sde_dpm_solver_with_its_own_step_count(tmp_path, capsys):
+    # SDE-DPM-Solver++(2M), 20 steps (docs/samplers.md), as diffusers' scheduler of that name gives them; on a
+    # 12-step model, the 11 steps from t = 11 down to t = 1 that its 13-point grid has (diffusers' own schedule,
+    # asked for 12, repeats t = 6 and fails: docs/parity.md), and they are finite.
+    import diffusers
+
+    for timesteps, steps in ((1000, 20), (12, 11)):
         unet, scheduler = tiny_unet(0), DDPMScheduler(num_train_timesteps=timesteps)
         Pipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / f"m{timesteps}")
         out = tmp_path / f"o{timesteps}"
-        status, stdout, err = run_in_process(capsys, "--model", tmp_path / f"m{timesteps}", "--num_images", 1,
+        status, stdout, err = run_in_process(capsys, "--model", tmp_path / f"m{timesteps}", "--num_images", 2,
                                              "--output", out)
         assert status == 0, err
-        assert f"DDIMScheduler with {steps} steps" in stdout
-        expected = reference_images(unet, DDIMScheduler.from_config(scheduler.config), 1, steps)
-        np.testing.assert_array_equal(written_images(out, 1)[0], expected[0])
+        assert f"DPMSolverMultistepScheduler with {steps} steps" in stdout
+        reference = diffusers.DPMSolverMultistepScheduler.from_pretrained(
+            tmp_path / f"m{timesteps}", subfolder="scheduler", algorithm_type="sde-dpmsolver++")
+        for got, want in zip(written_images(out, 2), reference_images(unet, reference, 2, steps)):
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
 # Each --scheduler name with its flags against the diffusers scheduler it stands for (their class, their settings),
@@ -136,8 +143,9 @@ def ddpm_checkpoint(tmp_path_factory):
     DDPMScheduler(num_train_timesteps=30, beta_schedule="squaredcos_cap_v2").save_pretrained(folder / "scheduler")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
     (folder / "COMPLETE").write_text("")
-    return {"folder": folder, "raw": raw, "ema": ema,
-            "scheduler": DDPMScheduler(num_train_timesteps=30, beta_schedule="squaredcos_cap_v2")}
+    # as read back: a saved config lists every key, so sampler() carries DDPM's "leading" spacing (diffusers'
+    # from_config does the same), where a fresh object's defaults would give way to the sampler's own
+    return {"folder": folder, "raw": raw, "ema": ema, "scheduler": DDPMScheduler.from_pretrained(folder / "scheduler")}
 
 
 @pytest.mark.parametrize("no_ema", [False, True])
@@ -148,7 +156,7 @@ def test_samples_a_ddpm_training_checkpoint(ddpm_checkpoint, tmp_path, capsys, n
                                          "--num_inference_steps", 4, "--output", out, *(["--no_ema"] if no_ema else []))
     assert status == 0, err
     assert ("raw weights" if no_ema else "EMA weights") in stdout
-    scheduler = DDIMScheduler.from_config(c["scheduler"].config)  # the default sampler on the run's schedule
+    scheduler = sampler(DEFAULT_SCHEDULER, c["scheduler"].config)  # the default sampler on the run's schedule
     expected = reference_images(c["raw" if no_ema else "ema"], scheduler, 3, 4)
     other = reference_images(c["ema" if no_ema else "raw"], scheduler, 3, 4)
     for got, want, not_want in zip(written_images(out, 3), expected, other):
@@ -193,7 +201,7 @@ def diffusers_run(tmp_path_factory):
     ema_model.save_pretrained(checkpoint / "unet_ema")
     ema.save_pretrained(root / "ema-plain")  # the same EMA weights in a plain model folder, for the reference
     return {"run": run_dir, "checkpoint": checkpoint, "raw": UNet.from_pretrained(checkpoint / "unet"),
-            "ema": UNet.from_pretrained(root / "ema-plain"), "scheduler": DDPMScheduler(num_train_timesteps=25)}
+            "ema": UNet.from_pretrained(root / "ema-plain"), "scheduler": DDPMScheduler.from_pretrained(run_dir / "scheduler")}
 
 
 def test_diffusers_checkpoint_raw_weights_with_the_runs_scheduler(diffusers_run, tmp_path, capsys):
@@ -218,7 +226,7 @@ def test_diffusers_checkpoint_ema_weights(diffusers_run, tmp_path, capsys):
                                          "--num_inference_steps", 3, "--output", tmp_path / "o")
     assert status == 0, err
     assert "EMA weights" in stdout
-    expected = reference_images(d["ema"], DDIMScheduler.from_config(d["scheduler"].config), 2, 3)
+    expected = reference_images(d["ema"], sampler(DEFAULT_SCHEDULER, d["scheduler"].config), 2, 3)
     for got, want in zip(written_images(tmp_path / "o", 2), expected):
         np.testing.assert_array_equal(got, want)
 
@@ -279,7 +287,8 @@ def test_help_shows_the_defaults():
     r = run_cli("--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())  # argparse wraps lines
-    for default in ("(default: 16)", "(default: ddim)", "(default: samples)", "(default: 0)", "ddim 50"):
+    for default in ("(default: 16)", "(default: sde-dpm)", "(default: samples)", "(default: 0)", "sde-dpm 20",
+                    "ddim 50"):
         assert default in text, default
     assert "checkpoint" in text and "--no_ema" in text and "--overwrite" in text
 

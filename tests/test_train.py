@@ -447,13 +447,14 @@ def test_python_config_picks_its_profile_as_the_command_line_does():
         assert default == expected, field.name
     assert TrainConfig().model_config_name_or_path == str(SMALL_UNET_CONFIG)
     assert TrainConfig(train_data_dir="x").model_config_name_or_path is None  # the script's UNet, as the CLI
-    # The quickstart's TrainConfig(train_data_dir=..., profile="laptop"): a small RGB UNet and 50-step grids.
+    # The quickstart's TrainConfig(train_data_dir=..., profile="laptop"): a small RGB UNet and 20-step SDE-DPM grids.
     from ddpm import UNet
 
     quick = TrainConfig(train_data_dir="my_images", profile="laptop", num_epochs=5, output_dir="my-model")
     unet = UNet.from_config(outputs.model_config(quick))
     assert unet.config.in_channels == 3 and sum(p.numel() for p in unet.parameters()) < 1_000_000
-    assert (quick.resolution, quick.ddpm_num_inference_steps, quick.train_batch_size) == (32, 50, 64)
+    assert (quick.resolution, quick.ddpm_num_inference_steps, quick.train_batch_size) == (32, 20, 64)
+    assert quick.ddpm_inference_scheduler == "sde-dpm"
 
 
 def test_help_shows_every_default_and_says_which_profile_applies(capsys):

@@ -52,11 +52,14 @@ SOLVER_ORDER_SAMPLERS = ("dpm", "sde-dpm", "unipc")
 KARRAS_SAMPLERS = ("dpm", "sde-dpm", "unipc", "euler", "heun")
 
 
-# What a sampler takes from the config it is built on: the model's training schedule and how its timesteps are
+# What a sampler takes from the config it is built on: what a model's scheduler_config.json says about the model
+# (its training schedule, prediction type, learned variance, how x̂_0 is clipped) and how its timesteps are
 # spaced. Everything else (another sampler's order, algorithm, noise levels) is that sampler's own choice, so
-# sampler("dpm", an SDE-DPM-Solver's config) is DPM-Solver++(2M), not the SDE variant carried over by from_config.
+# sampler("dpm", an SDE-DPM-Solver's config) is DPM-Solver++(2M), not the SDE variant carried over by from_config,
+# while built on a pipeline's saved DDPM config it is DPMSolverMultistepScheduler.from_config(that config).
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                 "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+                 "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "variance_type", "clip_sample",
+                 "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
 
 
 def sampler(name: str, config: Any, solver_order: int | None = None, karras_sigmas: bool = False) -> AnyScheduler:

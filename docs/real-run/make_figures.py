@@ -13,17 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-from ddpm import DDIMScheduler, DDPMScheduler, Pipeline, UNet  # noqa: E402
-from ddpm.checkpoint import load_weights  # noqa: E402
-from ddpm.evaluate import EvalConfig, evaluate, generate, load_real_images  # noqa: E402
-from ddpm.images import make_grid, to_pil  # noqa: E402
+from ddpm import DDIMScheduler, DDPMScheduler, Pipeline, UNet
+from ddpm.checkpoint import load_weights
+from ddpm.evaluate import EvalConfig, evaluate, generate, load_real_images
+from ddpm.images import make_grid, to_pil
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +36,20 @@ def scalars(run: Path, tag: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+def pyplot():
+    """matplotlib comes with the docs extra; only the plots need it, so --help works without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("error: the figures need matplotlib: pip install -e '.[docs]'")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_training(run: Path) -> None:
+    plt = pyplot()
     steps, loss = scalars(run, "loss")
     window = 25
     smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1]) for i in range(len(loss))]

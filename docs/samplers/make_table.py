@@ -10,6 +10,10 @@ on half of the real images, against ``--num_images`` held-out real images from t
 swapped onto the model's own schedule exactly as ``ddpm.sample --scheduler NAME`` does (``ddpm.schedulers.sampler``,
 so with the saved config's "leading" timestep spacing). Writes ``table.json`` next to this script (one record per
 cell) and prints the Markdown table.
+
+How much of a difference is noise: ``table.json`` also holds the Fréchet distance between two disjoint sets of
+held-out real images (the floor at this sample size), and the cells in ``REPLICATES`` drawn again from other seeds
+(images 512-1023, ...), so each of those has several estimates.
 """
 
 import argparse
@@ -41,25 +45,34 @@ ROWS = [
 ]
 
 
-def reference_features(run: Path, num_images: int, extractor_steps: int) -> tuple[metrics.FeatureExtractor, torch.Tensor]:
-    """The dataset CNN (cached in the run folder) and the features of ``num_images`` held-out real images."""
+# (row label, --scheduler name, settings, steps, extra seed sets): cells drawn again to see the noise of an estimate
+REPLICATES = [("DDPM", "ddpm", {}, 50, 2),
+              ("DPM-Solver++ 2M", "dpm", {}, 10, 2), ("SDE-DPM-Solver++ 2M", "sde-dpm", {}, 10, 2),
+              ("SDE-DPM-Solver++ 2M", "sde-dpm", {}, 20, 2), ("UniPC (bh2, order 2)", "unipc", {}, 10, 2)]
+
+
+def reference_features(run: Path, num_images: int, extractor_steps: int
+                       ) -> tuple[metrics.FeatureExtractor, torch.Tensor, torch.Tensor]:
+    """The dataset CNN (cached in the run folder), the features of ``num_images`` held-out real images, and of as
+    many other held-out real images (for the floor)."""
     pipe = Pipeline.from_pretrained(run)
     size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
     real = load_real_images(None, None, size, channels)  # the bundled Fashion-MNIST subset the run trained on
     train, pool = split_real_images(real)
     extractor = metrics.dataset_extractor(train.images, train.labels, run, train.description, steps=extractor_steps)
     pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(0))
-    return extractor, metrics.compute_features(extractor, pool[pick[:num_images]])
+    return (extractor, metrics.compute_features(extractor, pool[pick[:num_images]]),
+            metrics.compute_features(extractor, pool[pick[num_images:2 * num_images]]))
 
 
 def cell(pipe: Pipeline, name: str, settings: dict, eta: float, steps: int, num_images: int, batch_size: int,
-         extractor: metrics.FeatureExtractor, real: torch.Tensor) -> dict:
+         extractor: metrics.FeatureExtractor, real: torch.Tensor, seed: int = 0) -> dict:
     pipe.scheduler = sampler(name, pipe.scheduler.config, **settings)
     start = time.perf_counter()
-    images = generate(pipe, num_images, batch_size, steps, seed=0, eta=eta, progress=False)
+    images = generate(pipe, num_images, batch_size, steps, seed=seed, eta=eta, progress=False)
     seconds = time.perf_counter() - start
     scores = metrics.feature_metrics(real, metrics.compute_features(extractor, images))
-    return {"scheduler": type(pipe.scheduler).__name__, "steps": steps,
+    return {"scheduler": type(pipe.scheduler).__name__, "steps": steps, "seed": seed,
             "model_calls": len(pipe.scheduler.timesteps), "seconds": round(seconds, 1), "num_images": num_images,
             "timestep_spacing": pipe.scheduler.config.timestep_spacing, **scores}
 
@@ -87,18 +100,34 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--extractor_steps", type=int, default=1000, help="training steps of the dataset CNN")
     p.add_argument("--out", type=Path, default=HERE / "table.json")
+    p.add_argument("--rows", default=None,
+                   help="recompute only these rows (labels, separated by ';') and replace them in an existing --out")
+    p.add_argument("--replicates_only", action="store_true",
+                   help="recompute only the replicate cells and replace them in an existing --out")
     a = p.parse_args()
-    extractor, real = reference_features(a.run, a.num_images, a.extractor_steps)
+    extractor, real, other_real = reference_features(a.run, a.num_images, a.extractor_steps)
     pipe = Pipeline.from_pretrained(a.run)
     pipe.set_progress_bar_config(disable=True)
-    jobs = [("DDPM, 1000 steps", "ddpm", {}, 0.0, 1000)] + [(*row, n) for row in ROWS for n in STEPS]
-    records = []
-    for label, name, settings, eta, steps in tqdm(jobs, desc="cells"):
-        record = {"row": label, **cell(pipe, name, settings, eta, steps, a.num_images, a.batch_size, extractor, real)}
+    jobs = [("DDPM, 1000 steps", "ddpm", {}, 0.0, 1000, 0)] + [(*row, n, 0) for row in ROWS for n in STEPS]
+    jobs += [(label, name, settings, 0.0, steps, a.num_images * (k + 1))
+             for label, name, settings, steps, extra in REPLICATES for k in range(extra)]
+    table: dict = {"real_vs_real_fd": metrics.feature_metrics(real, other_real)["fd"], "cells": [], "replicates": []}
+    if a.rows is not None or a.replicates_only:  # keep the other records
+        rows = a.rows.split(";") if a.rows is not None else [job[0] for job in jobs]
+        jobs = [job for job in jobs if job[0] in rows and (job[5] != 0 or not a.replicates_only)]
+        old = json.loads(a.out.read_text())
+        keys = ("replicates",) if a.replicates_only else ("cells", "replicates")
+        table = {**old, **{key: [r for r in old[key] if r["row"] not in rows] for key in keys}}
+    for label, name, settings, eta, steps, seed in tqdm(jobs, desc="cells"):
+        record = {"row": label, **cell(pipe, name, settings, eta, steps, a.num_images, a.batch_size, extractor, real,
+                                       seed)}
         tqdm.write(json.dumps(record))
-        records.append(record)
-        a.out.write_text(json.dumps(records, indent=1) + "\n")  # after every cell: a long run keeps what it has
-    print(markdown(records))
+        table["cells" if seed == 0 else "replicates"].append(record)
+        a.out.write_text(json.dumps(table, indent=1) + "\n")  # after every cell: a long run keeps what it has
+    order = ["DDPM, 1000 steps"] + [label for label, *_ in ROWS]
+    table["cells"].sort(key=lambda r: (order.index(r["row"]), r["steps"]))
+    a.out.write_text(json.dumps(table, indent=1) + "\n")
+    print(markdown(table["cells"]))
 
 
 if __name__ == "__main__":
