@@ -52,7 +52,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     (r"--feature_extractor inception", PARSE, "needs the inception extra and the Inception weights (a download)"),
     (r"^python -m ddpm\.(train|sample|evaluate)\b", RUN, ""),
     (r"^python docs/real-run/make_figures\.py\b", HELP, "writes its figures into docs/real-run/"),
-    (r"^python docs/samplers/make_table\.py\b", HELP, "writes its table into docs/samplers/ (and takes 16 minutes)"),
+    (r"^python docs/samplers/make_table\.py\b", HELP, "writes its table into docs/samplers/ (and takes about 25 minutes)"),
     (r"^tensorboard\b", HELP, "starts a server"),
 ]
 

@@ -36,6 +36,7 @@ ROWS = [
     ("DDPM", "ddpm", {}, 0.0),
     ("DDIM η=0", "ddim", {}, 0.0),
     ("DDIM η=1", "ddim", {}, 1.0),
+    ("DDIM η=0, clip_sample=False", "ddim", {"clip_sample": False}, 0.0),
     ("DPM-Solver++ 2M", "dpm", {}, 0.0),
     ("DPM-Solver++ 3M", "dpm", {"solver_order": 3}, 0.0),
     ("SDE-DPM-Solver++ 2M", "sde-dpm", {}, 0.0),
@@ -67,7 +68,11 @@ def reference_features(run: Path, num_images: int, extractor_steps: int
 
 def cell(pipe: Pipeline, name: str, settings: dict, eta: float, steps: int, num_images: int, batch_size: int,
          extractor: metrics.FeatureExtractor, real: torch.Tensor, seed: int = 0) -> dict:
-    pipe.scheduler = sampler(name, pipe.scheduler.config, **settings)
+    options = {k: v for k, v in settings.items() if k in ("solver_order", "karras_sigmas")}  # sampler()'s own
+    pipe.scheduler = sampler(name, pipe.scheduler.config, **options)
+    overrides = {k: v for k, v in settings.items() if k not in options}  # any other config key, set on top
+    if overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     start = time.perf_counter()
     images = generate(pipe, num_images, batch_size, steps, seed=seed, eta=eta, progress=False)
     seconds = time.perf_counter() - start
@@ -84,7 +89,7 @@ def markdown(records: list[dict]) -> str:
     head = "| sampler | " + " | ".join(f"{n} steps" for n in STEPS) + " |"
     lines = [head, "|---" * (len(STEPS) + 1) + "|"]
     for label, cells in by_row.items():
-        shown = [f"{c['fd']:.1f} / {c['recall']:.2f} / {c['seconds']:.0f} s" if (c := cells.get(n)) else "—"
+        shown = [f"{c['fd']:.1f} / {c['recall']:.2f} / {c['seconds']:.3g} s" if (c := cells.get(n)) else "—"
                  for n in STEPS]
         if 1000 in cells:
             c = cells[1000]
