@@ -2,7 +2,7 @@
 real images, offline, in a few CPU minutes with the defaults.
 
     python -m ddpm.evaluate --model ddpm-fashion-mnist-32
-    python -m ddpm.evaluate --model ddpm-fashion-mnist-32/checkpoint-600 --num_images 1000
+    python -m ddpm.evaluate --model ddpm-fashion-mnist-32/checkpoint-1200 --num_images 1000
 
 The scores (see ddpm.metrics) are the Fréchet distance ("fd"), KID ("kid", "kid_std") and k-NN precision and
 recall, all in the feature space of one network, named in the output and in metrics.jsonl:

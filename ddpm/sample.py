@@ -2,7 +2,7 @@
 the single images.
 
     python -m ddpm.sample --model ddpm-fashion-mnist-32 --num_images 16 --output samples
-    python -m ddpm.sample --model ddpm-fashion-mnist-32/checkpoint-600 --no_ema --output samples-600
+    python -m ddpm.sample --model ddpm-fashion-mnist-32/checkpoint-1200 --no_ema --output samples-1200
 
 Image i is drawn with its own generator seeded ``seed + i``, so it is the same whatever ``--batch_size``.
 A ``--output`` folder that already holds images is refused (old and new samples would mix) unless ``--overwrite``

@@ -1,6 +1,6 @@
 """``python -m ddpm.train``: train an unconditional DDPM with train_unconditional.py's flags.
 
-    python -m ddpm.train                                      # bundled Fashion-MNIST, a few CPU minutes
+    python -m ddpm.train                                      # bundled Fashion-MNIST, under 5 CPU minutes
     python -m ddpm.train --train_data_dir images --resolution 64 --use_ema
     accelerate launch --multi_gpu --num_processes 2 -m ddpm.train --dataset_name user/dataset --mixed_precision fp16
 
