@@ -106,16 +106,16 @@ def solver_timesteps(num_train_timesteps: int, n: int, spacing: TimestepSpacing,
     and returns NaN (docs/parity.md)."""
     T = num_train_timesteps
     last = T if last_timestep is None else last_timestep
-    if spacing in ("linspace", "leading"):
-        if spacing == "linspace":
-            points = np.linspace(0, last - 1, n + 1).round()
-        else:
-            points = np.arange(0, n + 1) * max(last // (n + 1), 1) + steps_offset
-        points = np.minimum(points[::-1][:-1], last - 1).astype(np.int64)
-        return points[np.concatenate([[True], points[1:] < points[:-1]])]
     if spacing == "trailing":
         return (np.arange(last, 0, -T / n).round().astype(np.int64) - 1)[:n]
-    raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose 'linspace', 'leading' or 'trailing'")
+    if spacing == "linspace":
+        points = np.linspace(0, last - 1, n + 1).round()
+    elif spacing == "leading":
+        points = np.arange(0, n + 1) * max(last // (n + 1), 1) + steps_offset
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose 'linspace', 'leading' or 'trailing'")
+    points = np.minimum(points[::-1][:-1], last - 1).astype(np.int64)  # descending, without the end point t = 0
+    return points[np.concatenate([[True], points[1:] < points[:-1]])]  # merge repeats
 
 
 def karras_family_timesteps(num_train_timesteps: int, n: int, spacing: TimestepSpacing,

@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -66,10 +67,12 @@ def reference_features(run: Path, num_images: int, extractor_steps: int
             metrics.compute_features(extractor, pool[pick[num_images:2 * num_images]]))
 
 
-def cell(pipe: Pipeline, name: str, settings: dict, eta: float, steps: int, num_images: int, batch_size: int,
-         extractor: metrics.FeatureExtractor, real: torch.Tensor, seed: int = 0) -> dict:
+def cell(pipe: Pipeline, saved: Any, name: str, settings: dict, eta: float, steps: int, num_images: int,
+         batch_size: int, extractor: metrics.FeatureExtractor, real: torch.Tensor, seed: int = 0) -> dict:
+    """One cell, with the sampler built on the run's ``saved`` scheduler config as ``ddpm.sample`` builds it (not on
+    the previous cell's sampler, whose config may lack keys such as clip_sample)."""
     options = {k: v for k, v in settings.items() if k in ("solver_order", "karras_sigmas")}  # sampler()'s own
-    pipe.scheduler = sampler(name, pipe.scheduler.config, **options)
+    pipe.scheduler = sampler(name, saved, **options)
     overrides = {k: v for k, v in settings.items() if k not in options}  # any other config key, set on top
     if overrides:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
@@ -112,6 +115,7 @@ def main() -> None:
     a = p.parse_args()
     extractor, real, other_real = reference_features(a.run, a.num_images, a.extractor_steps)
     pipe = Pipeline.from_pretrained(a.run)
+    saved = pipe.scheduler.config  # every cell's sampler is built on this, as ddpm.sample builds it
     pipe.set_progress_bar_config(disable=True)
     jobs = [("DDPM, 1000 steps", "ddpm", {}, 0.0, 1000, 0)] + [(*row, n, 0) for row in ROWS for n in STEPS]
     jobs += [(label, name, settings, 0.0, steps, a.num_images * (k + 1))
@@ -124,8 +128,8 @@ def main() -> None:
         keys = ("replicates",) if a.replicates_only else ("cells", "replicates")
         table = {**old, **{key: [r for r in old[key] if r["row"] not in rows] for key in keys}}
     for label, name, settings, eta, steps, seed in tqdm(jobs, desc="cells"):
-        record = {"row": label, **cell(pipe, name, settings, eta, steps, a.num_images, a.batch_size, extractor, real,
-                                       seed)}
+        record = {"row": label, **cell(pipe, saved, name, settings, eta, steps, a.num_images, a.batch_size,
+                                       extractor, real, seed)}
         tqdm.write(json.dumps(record))
         table["cells" if seed == 0 else "replicates"].append(record)
         a.out.write_text(json.dumps(table, indent=1) + "\n")  # after every cell: a long run keeps what it has
