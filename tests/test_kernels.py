@@ -7,7 +7,9 @@ the kernels' branches that its tiny maps do not (the phase-split upsampling abov
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -229,3 +231,65 @@ def test_torch_func_grad_takes_the_plain_path() -> None:
     for name, p in params.items():
         assert p.grad is not None, name
         assert (got[name] - p.grad).abs().max().item() <= 1e-4 * max(p.grad.abs().max().item(), floor), name
+
+
+# --- the training process: glibc keeps what a step frees --------------------------------------------------------
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo() -> _MallInfo2:
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2()
+
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+BLOCK = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB): mapped, then unmapped, by default
+
+
+def _mapped_while_held() -> int:
+    """Bytes glibc holds in separate mappings while a 64 MiB tensor lives, minus those before it."""
+    before = _mallinfo().hblkhd
+    block = torch.empty(BLOCK // 4)
+    held = _mallinfo().hblkhd - before
+    del block
+    return held
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt and mallinfo2 are glibc's (CI runs Linux with glibc)")
+def test_reuse_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in kernels._ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert _mapped_while_held() >= BLOCK  # glibc's behaviour outside: its own mapping, unmapped on free
+    with kernels.reuse_freed_memory(torch.device("cpu")) as kept:
+        assert kept
+        assert _mapped_while_held() < BLOCK  # from the heap
+        assert _mallinfo().fordblks >= BLOCK  # freed, and kept for the next step
+    assert _mapped_while_held() >= BLOCK  # the default thresholds are back
+    assert _mallinfo().fordblks < BLOCK  # and malloc_trim gave the free heap back to the system
+
+
+def test_reuse_freed_memory_only_for_cpu_training_with_the_door_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in kernels._ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cpu = torch.device("cpu")
+    with kernels.reuse_freed_memory(torch.device("cuda", 0)) as kept:
+        assert not kept
+    with kernels.enabled(False), kernels.reuse_freed_memory(cpu) as kept:
+        assert not kept
+    assert kernels.training_on_cpu(cpu) and not kernels.training_on_cpu(torch.device("cuda"))
+    with kernels.enabled(False):
+        assert not kernels.training_on_cpu(cpu)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own allocator settings win
+    with kernels.reuse_freed_memory(cpu) as kept:
+        assert not kept
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    with kernels.reuse_freed_memory(cpu) as outer:
+        assert outer == GLIBC
+        with kernels.reuse_freed_memory(cpu) as inner:  # nested: the outermost block owns the setting
+            assert not inner
+        if GLIBC:
+            assert _mapped_while_held() < BLOCK  # the inner block's exit did not restore the defaults

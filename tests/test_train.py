@@ -1,10 +1,12 @@
 """``python -m ddpm.train`` and ``ddpm.training``: end to end on a generated image folder with a tiny UNet, resume,
 multi-process, mixed precision, the loss maths, the LR schedules and the one-line errors."""
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -170,6 +172,34 @@ def test_resume_latest_is_bitwise_equal_to_a_straight_run(files, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     first, last = (load_file(tmp_path / "b" / f"checkpoint-{step}" / WEIGHTS) for step in (4, 8))
     assert any(not torch.equal(first[k], last[k]) for k in last)  # it really trained after resuming
+
+
+def test_cpu_training_uses_fused_adamw_and_keeps_freed_memory_unless_the_kernels_are_off(files, tmp_path,
+                                                                                        monkeypatch):
+    """On CPU with the kernels on, the trainer steps with torch's fused AdamW (recorded in the checkpoint's
+    optimiser groups) and trains inside kernels.reuse_freed_memory; DDPM_CPU_KERNELS=0 (enabled(False)) turns
+    both off. The weights agree with an unfused AdamW run to float32 rounding."""
+    from ddpm import kernels
+
+    seen, real = [], kernels.reuse_freed_memory
+
+    @contextlib.contextmanager
+    def spy(device):
+        with real(device) as kept:
+            seen.append((device.type, kept))
+            yield kept
+
+    monkeypatch.setattr(kernels, "reuse_freed_memory", spy)
+    train(tiny_config(files, tmp_path / "on", max_train_steps=3, checkpointing_steps=3))
+    with kernels.enabled(False):
+        train(tiny_config(files, tmp_path / "off", max_train_steps=3, checkpointing_steps=3))
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert seen == [("cpu", glibc and not any(v in os.environ for v in kernels._ALLOCATOR_ENV)), ("cpu", False)]
+    groups = {run: json.loads((tmp_path / run / "checkpoint-3" / "trainer_state.json").read_text())
+              ["optimizer_param_groups"] for run in ("on", "off")}
+    assert [g["fused"] for g in groups["on"]] == [True] and [g["fused"] for g in groups["off"]] == [None]
+    on, off = (load_file(tmp_path / run / "checkpoint-3" / WEIGHTS) for run in ("on", "off"))
+    assert max(float((on[k] - off[k]).abs().max()) for k in on) < 1e-5
 
 
 def test_bundled_dataset_run_with_laptop_defaults(tmp_path, capsys):
