@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,13 @@ def image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
+# Anything datasets' split inference (datasets.data_files.get_data_patterns) could match in a path inside the folder:
+# split keywords (train/training, test/testing, val/valid/validation/dev, eval/evaluation) anywhere, sharded split
+# files (data/train-00000-of-00001.png), its logs and task files, and metadata files (read only under data_dir).
+_SPLIT_HINTS = re.compile(r"train|test|val|dev|-[0-9]{5}-of-[0-9]{5}|task\.toml|instruction\.md|metadata",
+                          re.IGNORECASE)
+
+
 def open_image_folder(folder: str, cache_dir: str | None = None) -> HFImages:
     """``--train_data_dir``: check the folder, then load it with datasets' imagefolder."""
     path = Path(folder).expanduser()
@@ -161,8 +169,14 @@ def open_image_folder(folder: str, cache_dir: str | None = None) -> HFImages:
                         f"looked for .png, .jpg, .jpeg, .webp, ...)")
     import datasets
 
+    # Given only data_dir, datasets tries each of its split-naming patterns in turn, one glob of the folder each
+    # (66 for a folder of plain file names: 3.3 s for 5,000 images, against 0.9 s for one pattern). Where no path
+    # inside the folder holds anything those patterns look for, its answer is one train split of every file, "**":
+    # asked for directly. Otherwise datasets infers the splits itself, as for diffusers' script.
+    plain = not any(_SPLIT_HINTS.search(str(p.relative_to(path))) for p in files)
     try:
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir, split="train")
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir, split="train",
+                                        **({"data_files": {"train": "**"}} if plain else {}))
     except Exception as e:  # datasets' own errors for folders it cannot read
         raise DataError(f"--train_data_dir {folder}: datasets' imagefolder could not read it "
                         f"({type(e).__name__}: {first_line(e)})") from None

@@ -94,6 +94,41 @@ def test_folder_with_corrupt_image_skips_it_with_a_warning(tmp_path, caplog):
     assert item["input"].shape == (3, 8, 8) and item["index"] == rows[2]
 
 
+@pytest.mark.parametrize("layout", ["flat", "class_folders", "split_folders", "split_in_file_names", "metadata"])
+def test_image_folder_holds_what_datasets_imagefolder_reads_from_the_folder(tmp_path, monkeypatch, layout):
+    """The rows (files, in order) are datasets' own load_dataset("imagefolder", data_dir=...) train split, for
+    plain folders (read with one "**" pattern instead of datasets' split inference: faster) and for folders whose
+    names tell datasets about splits (left to its inference: only the train files)."""
+    import datasets
+
+    folder = tmp_path / "imgs"
+    names = {"flat": ["a.png", "b.png", "c/d.png"], "class_folders": ["cat/1.png", "cat/2.png", "dog/1.png"],
+             "split_folders": ["train/1.png", "train/2.png", "test/1.png"],
+             "split_in_file_names": ["train_1.png", "train_2.png", "val_1.png"],
+             "metadata": ["1.png", "2.png"]}[layout]
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 6, 3), 30 * i, np.uint8)).save(folder / name)
+    if layout == "metadata":
+        (folder / "metadata.jsonl").write_text('{"file_name": "1.png", "caption": "a"}\n'
+                                               '{"file_name": "2.png", "caption": "b"}\n')
+    calls, real = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    source = data.open_image_folder(str(folder), cache_dir=str(tmp_path / "cache"))
+    monkeypatch.undo()
+    plain = layout in ("flat", "class_folders")
+    assert ("data_files" in calls[0]) == plain  # the fast path exactly where datasets would fall back to "**"
+    reference = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=str(tmp_path / "ref"),
+                                      split="train")
+
+    def paths(dataset):
+        return [row["path"] for row in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+
+    assert [row["path"] for row in source.rows[source.column]] == paths(reference)
+    expected = {"split_folders": 2, "split_in_file_names": 2}.get(layout, len(names))
+    assert len(source) == expected
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "no_images", "only_corrupt"])
 def test_bad_folders_are_one_line_errors(tmp_path, case):
     folder = tmp_path / "d"
