@@ -51,6 +51,8 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` computed in float32 (statistics and affine map) and returned in the input's dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.applies(x):  # the same, with a channels_last backward 3-4x faster than PyTorch's
+            return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 

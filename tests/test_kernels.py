@@ -23,7 +23,7 @@ from diffusers.models.resnet import ResnetBlock2D as DiffusersResnetBlock2D
 from diffusers.models.upsampling import Upsample2D as DiffusersUpsample2D
 
 from ddpm import kernels
-from ddpm.layers import ResnetBlock2D, Upsample2D
+from ddpm.layers import GroupNorm, ResnetBlock2D, Upsample2D
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,8 +133,36 @@ def test_upsample_phase_split_matches_diffusers_with_gradients(shape: tuple[int,
         assert rel_err(got, expected) <= 1e-5
 
 
+# --- the hand-written GroupNorm backward under bf16 ---------------------------------------------------------------
+
+def test_group_norm_backward_under_bf16_matches_float32_ops() -> None:
+    # The layer on a bf16 map (what a bf16 convolution hands it) against F.group_norm in float32 on the same
+    # numbers: output and every gradient within bf16 rounding.
+    torch.manual_seed(0)
+    norm = perturbed(GroupNorm(4, 16), seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(4, 16, 8, 8, generator=g) * 3 + 1).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    # an upstream gradient correlated with the output, so that every term of the backward pass matters
+    weight = (x.float() + torch.randn(4, 16, 8, 8, generator=g)).to(torch.bfloat16)
+    assert kernels.applies(x) == kernels._BF16
+
+    xx = x.clone().requires_grad_()
+    out = norm(xx)
+    assert out.dtype == torch.bfloat16
+    (out.float() * weight.float()).sum().backward()
+    got = (out, xx.grad, norm.weight.grad, norm.bias.grad)
+
+    norm.zero_grad()
+    reference = x.float().requires_grad_()
+    expected_out = F.group_norm(reference, 4, norm.weight, norm.bias, norm.eps)
+    (expected_out.to(torch.bfloat16).float() * weight.float()).sum().backward()
+    expected = (expected_out, reference.grad, norm.weight.grad, norm.bias.grad)
+    for name, a, b in zip(("out", "x", "weight", "bias"), got, expected):
+        assert rel_err(a, b) <= 2e-2, name  # measured: at most 1.3e-2; a 1% error in one term gives 3e-2
+
+
 def test_fused_resnet_block_under_bf16_matches_diffusers() -> None:
-    # The CPU ResNet block (GroupNorm -> SiLU -> conv, adds in place, bf16 convolutions) against diffusers'
+    # The fused GroupNorm -> SiLU -> conv (hand-written GroupNorm backward, bf16 convolutions) against diffusers'
     # ResnetBlock2D under the same autocast: outputs and gradients within bf16 rounding of both.
     torch.manual_seed(0)
     ref = perturbed(DiffusersResnetBlock2D(in_channels=16, out_channels=8, temb_channels=32, groups=4, eps=1e-5),
@@ -144,7 +172,7 @@ def test_fused_resnet_block_under_bf16_matches_diffusers() -> None:
     ours.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(6)
     x, temb = torch.randn(4, 16, 8, 8, generator=g), torch.randn(4, 32, generator=g)
-    with torch.no_grad():  # an upstream gradient correlated with the output: every backward term matters
+    with torch.no_grad():  # an upstream gradient correlated with the output (see above)
         weight = ref(x, temb) + torch.randn(4, 8, 8, 8, generator=g)
     results: list[Any] = []
     for model in (ref, ours):
