@@ -10,8 +10,8 @@ What is here, each measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, shar
 - ``conv2d``: every convolution through oneDNN in channels_last. PyTorch's own choice sends small maps to a
   reference kernel 5-7x slower, and NCHW input makes oneDNN reorder it on every call.
 - ``group_norm``: GroupNorm in float32 with its backward written out (the fused GroupNorm -> SiLU -> conv below
-  reuses it). Written against torch 2.1-2.4's channels_last GroupNorm backward, several times slower than the NCHW
-  one; on torch 2.14 PyTorch's own is faster on maps of 16x16 and below and slower on 32x32 (measured 30 Nov 2026).
+  reuses it). Written when PyTorch's channels_last GroupNorm backward measured several times its NCHW time; on
+  torch 2.14.1 it is 1.2-1.7x, and faster than this one on maps of 16x16 and below, slower on 32x32 (30 Nov 2026).
 - ``upsample_conv``: nearest 2x upsampling then a 3x3 convolution, as four 2x2 convolutions of the small map
   (2.25x fewer FLOPs, no 4x-size map stored for the backward pass).
 - ``norm_conv``, ``resnet_block``, ``attention_block``: a ResNet block's GroupNorm -> SiLU -> convolution pairs
