@@ -250,26 +250,44 @@ GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 BLOCK = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB): mapped, then unmapped, by default
 
 
-def _mapped_while_held() -> int:
-    """Bytes glibc holds in separate mappings while a 64 MiB tensor lives, minus those before it."""
+def _mapped_while_held(size: int = BLOCK) -> int:
+    """Bytes glibc holds in separate mappings while a tensor of ``size`` bytes lives, minus those before it."""
     before = _mallinfo().hblkhd
-    block = torch.empty(BLOCK // 4)
+    block = torch.empty(size // 4)
     held = _mallinfo().hblkhd - before
     del block
     return held
+
+
+def _beyond_free_heap() -> int:
+    # more than all the free memory glibc's arenas hold, so that no free chunk can serve it
+    return int(_mallinfo().fordblks) + BLOCK
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt and mallinfo2 are glibc's (CI runs Linux with glibc)")
 def test_reuse_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in kernels._ALLOCATOR_ENV:
         monkeypatch.delenv(name, raising=False)
-    assert _mapped_while_held() >= BLOCK  # glibc's behaviour outside: its own mapping, unmapped on free
+    # glibc's behaviour outside: a block larger than all free heap gets its own mapping (unmapped on free)
+    size = _beyond_free_heap()
+    assert _mapped_while_held(size) >= size
     with kernels.reuse_freed_memory(torch.device("cpu")) as kept:
         assert kept
         assert _mapped_while_held() < BLOCK  # from the heap
+        block = torch.ones(BLOCK // 4)  # its pages touched, so resident
+        del block
         assert _mallinfo().fordblks >= BLOCK  # freed, and kept for the next step
-    assert _mapped_while_held() >= BLOCK  # the default thresholds are back
-    assert _mallinfo().fordblks < BLOCK  # and malloc_trim gave the free heap back to the system
+        resident = _resident_bytes()
+    assert _resident_bytes() < resident - BLOCK // 2  # malloc_trim gave the kept pages back to the system
+    # the default thresholds are back: a block larger than all free heap (the kept 64 MiB may still be a free
+    # chunk, its pages returned) gets its own mapping again
+    size = _beyond_free_heap()
+    assert _mapped_while_held(size) >= size
 
 
 def test_reuse_freed_memory_only_for_cpu_training_with_the_door_open(monkeypatch: pytest.MonkeyPatch) -> None:
