@@ -9,9 +9,11 @@ tracing) the layers run their plain PyTorch, which is what the kernels are teste
 What is here, each measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, shared/PERF_NOTES.md):
 - ``conv2d``: every convolution through oneDNN in channels_last. PyTorch's own choice sends small maps to a
   reference kernel 5-7x slower, and NCHW input makes oneDNN reorder it on every call.
-- ``group_norm``: GroupNorm in float32 with its backward written out (the fused GroupNorm -> SiLU -> conv below
-  reuses it). Written when PyTorch's channels_last GroupNorm backward measured several times its NCHW time; on
-  torch 2.14.1 it is 1.2-1.7x, and faster than this one on maps of 16x16 and below, slower on 32x32 (30 Nov 2026).
+- ``group_norm``: GroupNorm in float32 with its backward written out, which can write into a buffer it is given
+  (the fused GroupNorm -> SiLU -> conv below relies on that to stay small). Written when PyTorch's channels_last
+  GroupNorm backward measured several times its NCHW time; on torch 2.14.1 it is 1.2-1.7x, faster than this one on
+  most shapes measured (up to 4x on 8x8 maps) and slower at 16 channels on 32x32, a wash over whole training steps
+  (30 Nov 2026).
 - ``upsample_conv``: nearest 2x upsampling then a 3x3 convolution, as four 2x2 convolutions of the small map
   (2.25x fewer FLOPs, no 4x-size map stored for the backward pass).
 - ``norm_conv``, ``resnet_block``, ``attention_block``: a ResNet block's GroupNorm -> SiLU -> convolution pairs
@@ -483,8 +485,9 @@ def reuse_freed_memory(device: torch.device) -> Iterator[bool]:
         return
     _keeping[0] = True
     try:
-        # mallopt returns 1 on success
-        yield bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP)) & bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM))
+        kept_mmap = libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP) == 1  # mallopt returns 1 on success
+        kept_trim = libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM) == 1
+        yield kept_mmap and kept_trim
     finally:
         _keeping[0] = False
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)

@@ -254,9 +254,11 @@ def load_checkpoint(path: Path, state: TrainerState, objects: TrainingObjects, p
         if name not in index_of:
             raise CheckpointError(f"{path / OPTIMIZER_NAME}: state for {name}, which the model does not have")
         per_param.setdefault(index_of[name], {})[stat] = value
+    # The moments in their parameter's memory format (safetensors gives them contiguous, the conv weights are
+    # channels_last): fused AdamW walks a parameter and its moments as if their strides agreed.
     params = [p for group in objects.optimizer.param_groups for p in group["params"]]
-    for index, stats in per_param.items():  # moments in their parameter's memory format (channels_last weights):
-        for stat, value in stats.items():   # fused AdamW walks parameter and moments as if their strides agreed
+    for index, stats in per_param.items():
+        for stat, value in stats.items():
             if value.shape == params[index].shape:
                 stats[stat] = torch.empty_like(params[index], dtype=value.dtype).copy_(value)
     groups = []
