@@ -284,10 +284,17 @@ def test_reuse_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them(mon
         assert _mallinfo().fordblks >= BLOCK  # freed, and kept for the next step
         resident = _resident_bytes()
     assert _resident_bytes() < resident - BLOCK // 2  # malloc_trim gave the kept pages back to the system
-    # the default thresholds are back: a block larger than all free heap (the kept 64 MiB may still be a free
-    # chunk, its pages returned) gets its own mapping again
+    # the thresholds are where glibc's own raising tops out (32 MiB), not at its 128 KiB start, which would map
+    # and unmap every block above that from then on: a block larger than all free heap (the kept 64 MiB may still
+    # be a free chunk, its pages returned) gets its own mapping again; blocks of 16 MiB come from the heap
     size = _beyond_free_heap()
     assert _mapped_while_held(size) >= size
+    medium = 16 << 20
+    count = _beyond_free_heap() // medium + 1  # together more than all free heap: some must come from the system
+    before = _mallinfo().hblkhd
+    blocks = [torch.empty(medium // 4) for _ in range(count)]
+    assert _mallinfo().hblkhd - before < medium  # none mapped on its own
+    del blocks
 
 
 def test_reuse_freed_memory_only_for_cpu_training_with_the_door_open(monkeypatch: pytest.MonkeyPatch) -> None:
