@@ -24,8 +24,10 @@ CATEGORIES = (
     ("conv, oneDNN", ("aten::mkldnn_convolution",)),
     ("conv, slow THNN path", ("aten::_slow_conv2d", "aten::thnn_conv", "aten::slow_conv")),
     ("copy_ / clone / contiguous", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")),
-    ("mm / addmm / bmm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
-    ("attention (SDPA, softmax)", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax")),
+    ("mm / addmm", ("aten::mm", "aten::addmm", "aten::matmul")),
+    # both libraries call bmm / baddbmm / softmax in attention only (ddpm's narrow heads; diffusers' AttnProcessor)
+    ("attention (SDPA, or bmm + softmax)", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
+                                           "aten::bmm", "aten::baddbmm")),
     ("group_norm", ("aten::native_group_norm", "aten::group_norm")),
     ("silu", ("aten::silu",)),
     ("add / mul / div", ("aten::add", "aten::mul", "aten::div", "aten::sub")),

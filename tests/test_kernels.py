@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.resnet import ResnetBlock2D as DiffusersResnetBlock2D
 from diffusers.models.upsampling import Upsample2D as DiffusersUpsample2D
 
 from ddpm import kernels
-from ddpm.layers import GroupNorm, ResnetBlock2D, Upsample2D
+from ddpm.layers import Attention, GroupNorm, ResnetBlock2D, Upsample2D
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,6 +134,60 @@ def test_upsample_phase_split_matches_diffusers_with_gradients(shape: tuple[int,
         assert rel_err(got, expected) <= 1e-5
 
 
+# --- attention of narrow heads as chunked GEMMs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,dim_head,chunk", [
+    ((4, 16, 4, 4), 8, None),      # one chunk
+    ((3, 32, 8, 8), 8, 3 * 64**2),  # 12 heads' scores in chunks of 3 (64 tokens)
+    ((2, 32, 6, 5), 16, 5 * 30**2),  # 4 heads in chunks of 5: one partial chunk; a map that is not square
+    ((2, 64, 4, 4), 32, 1),        # chunks of one head
+])
+def test_narrow_head_attention_matches_diffusers_with_gradients(shape: tuple[int, int, int, int], dim_head: int,
+                                                                chunk: int | None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    n, c, height, width = shape
+    if chunk is not None:
+        monkeypatch.setattr(kernels, "_SCORES_PER_CHUNK", chunk)
+    torch.manual_seed(0)
+    ref = perturbed(DiffusersAttention(c, heads=c // dim_head, dim_head=dim_head, norm_num_groups=4, eps=1e-6,
+                                       residual_connection=True, bias=True, upcast_softmax=True,
+                                       rescale_output_factor=1.0, _from_deprecated_attn_block=True), seed=1)
+    ours = Attention(c, heads=c // dim_head, dim_head=dim_head, norm_num_groups=4)
+    ours.load_state_dict(ref.state_dict())
+    narrow = []
+    real = kernels._NarrowHeads.apply
+    monkeypatch.setattr(kernels._NarrowHeads, "apply", lambda *a: narrow.append(1) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g) * 3  # sharper softmax rows
+    weight = torch.randn(shape, generator=g)
+    results = []
+    for model, memory_format in ((ref, torch.contiguous_format), (ours, torch.channels_last)):
+        xx = x.clone().to(memory_format=memory_format).requires_grad_()
+        out = model(xx)
+        (out * weight).sum().backward()
+        results.append({"out": out, "x": xx.grad} | {name: p.grad for name, p in model.named_parameters()})
+    assert narrow == ([1] if kernels.applies(x) else [])
+    assert results[0].keys() == results[1].keys()
+    largest = max(t.abs().max().item() for t in results[0].values())
+    for name, expected in results[0].items():
+        got = results[1][name]
+        assert got.shape == expected.shape
+        if name == "to_k.bias":  # zero (softmax ignores a shift of a row's scores) but for rounding, on both sides
+            assert max(got.abs().max().item(), expected.abs().max().item()) <= 1e-6 * largest
+        else:
+            assert rel_err(got, expected) <= 1e-5, name
+
+
+def test_wide_heads_keep_the_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 4, 4).to(memory_format=torch.channels_last)
+    Attention(128, heads=2, dim_head=64, norm_num_groups=4)(x)
+    assert calls == [torch.Size([2, 2, 16, 64])]
+
+
 # --- the hand-written GroupNorm backward under bf16 ---------------------------------------------------------------
 
 def test_group_norm_backward_under_bf16_matches_float32_ops() -> None:
@@ -204,9 +259,13 @@ def test_plain_path_attention_in_autocast_dtype_and_group_norm_in_float32(monkey
             plain = attn(x)
         assert seen == {"sdpa": [torch.bfloat16], "group_norm": [torch.float32]}
         seen["sdpa"].clear()
-        if kernels.applies(x):  # the CPU door: the small heads go in as float32
+        if kernels.applies(x):  # the CPU door: the narrow heads run as float32 GEMMs
+            products: list[torch.dtype] = []
+            for name in ("bmm", "baddbmm"):
+                real = getattr(torch, name)
+                monkeypatch.setattr(torch, name, lambda *a, real=real, **kw: products.append(a[1].dtype) or real(*a, **kw))
             cpu = attn(x)
-            assert seen["sdpa"] == [torch.float32]
+            assert seen["sdpa"] == [] and products and set(products) == {torch.float32}
             assert rel_err(cpu, plain) <= 3e-2
 
 
