@@ -90,8 +90,16 @@ def applies(x: Tensor, module: nn.Module | None = None) -> bool:
 def _hooked(module: nn.Module) -> bool:
     if _global_hooks():
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in module.modules() if m is not module)
+    # the submodules, depth first (a plain walk: ``module.modules()`` costs ~7 us a module, run per block per step)
+    pending = list(module._modules.values())
+    while pending:
+        m = pending.pop()
+        if m is None:
+            continue
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        pending.extend(m._modules.values())
+    return False
 
 
 def _global_hooks() -> bool:
