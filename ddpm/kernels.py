@@ -2,9 +2,10 @@
 
 ``applies(x)`` is true for a CPU tensor when oneDNN is built in, the compute dtype (autocast's, or ``x``'s) is
 float32 or a bfloat16 the CPU supports, nothing is tracing the model (``torch.compile``, ``torch.jit.trace``,
-``torch.fx``, ``torch.func`` transforms), and the kernels are switched on: ``DDPM_CPU_KERNELS=0`` in the environment switches them off for
-the process, ``enabled(False)`` for a block (the parity tests run both ways). Everywhere else (CUDA, compile,
-tracing) the layers run their plain PyTorch, which is what the kernels are tested against.
+``torch.fx``, ``torch.func`` transforms), and the kernels are switched on: ``DDPM_CPU_KERNELS=0`` in the
+environment switches them off for the process, ``enabled(False)`` for a block (the parity tests run both ways).
+Everywhere else (CUDA, compile, tracing) the layers run their plain PyTorch, which is what the kernels are tested
+against.
 
 What is here, each measured on a 2-core AVX-512 CPU (benchmarks/RESULTS.md, shared/PERF_NOTES.md):
 - ``conv2d``: every convolution through oneDNN in channels_last. PyTorch's own choice sends small maps to a
@@ -394,18 +395,19 @@ def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Packed
     if prepacked is None and n * height * width < 2 * _FEW_PIXELS:
         # weight-bound: reordering the phase kernels (16/9 the size of the 3x3 one) costs more than it saves
         return conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-    # y[:, 4o + 2a + b, i + a, j + b] is output pixel (2i + a, 2j + b) of channel o: (N, 4 O, H + 1, W + 1)
+    # y[:, (2a + b) O + o, i + a, j + b] is output pixel (2i + a, 2j + b) of channel o: (N, 4 O, H + 1, W + 1)
     y = _packed_conv(x, prepacked, 1, 1) if prepacked is not None else conv2d(x, *_phase_weights(weight, bias),
                                                                              padding=1)
     return cast(Tensor, _InterleavePhases.apply(y.contiguous(memory_format=torch.channels_last)))
 
 
 def _phase_weights(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    # (4 O, C, 2, 2), output channels ordered (o, a, b); channels_last
+    # (4 O, C, 2, 2), output channels ordered (a, b, o), so that each phase's O channels are contiguous in
+    # channels_last memory (interleaving the phases then copies runs of O floats: 2x faster than with (o, a, b))
     out, cin = weight.shape[:2]
     w = weight.permute(0, 2, 3, 1).reshape(out, 9, cin)  # (O, 3*3, C)
-    phase_weight = torch.matmul(_UPSAMPLE_FOLD.to(w), w).view(4 * out, 2, 2, cin).permute(0, 3, 1, 2)
-    return phase_weight, bias.repeat_interleave(4) if bias is not None else None
+    phase_weight = torch.matmul(_UPSAMPLE_FOLD.to(w), w).view(out, 4, 2, 2, cin).transpose(0, 1)  # (a b, O, 2, 2, C)
+    return phase_weight.reshape(4 * out, 2, 2, cin).permute(0, 3, 1, 2), bias.repeat(4) if bias is not None else None
 
 
 class _InterleavePhases(torch.autograd.Function):
@@ -415,7 +417,8 @@ class _InterleavePhases(torch.autograd.Function):
         # The (N, H, a, W, b, O) view of channels_last y (N, 4 O, H + 1, W + 1): the memory order of the output.
         n, c, height, width = y.shape
         s_n, _, s_row, s_col = y.stride()
-        return y.as_strided((n, height - 1, 2, width - 1, 2, c // 4), (s_n, s_row, s_row + 2, s_col, s_col + 1, 4))
+        out = c // 4
+        return y.as_strided((n, height - 1, 2, width - 1, 2, out), (s_n, s_row, s_row + 2 * out, s_col, s_col + out, 1))
 
     @staticmethod
     def forward(ctx: Any, y: Tensor) -> Tensor:

@@ -263,7 +263,8 @@ def test_plain_path_attention_in_autocast_dtype_and_group_norm_in_float32(monkey
             products: list[torch.dtype] = []
             for name in ("bmm", "baddbmm"):
                 real = getattr(torch, name)
-                monkeypatch.setattr(torch, name, lambda *a, real=real, **kw: products.append(a[1].dtype) or real(*a, **kw))
+                monkeypatch.setattr(torch, name,
+                                    lambda *a, real=real, **kw: products.append(a[1].dtype) or real(*a, **kw))
             cpu = attn(x)
             assert seen["sdpa"] == [] and products and set(products) == {torch.float32}
             assert rel_err(cpu, plain) <= 3e-2
