@@ -24,6 +24,7 @@ from diffusers.models.resnet import ResnetBlock2D as DiffusersResnetBlock2D
 from diffusers.models.upsampling import Upsample2D as DiffusersUpsample2D
 
 from ddpm import kernels
+from ddpm.training import cpu as train_cpu
 from ddpm.layers import Attention, GroupNorm, ResnetBlock2D, Upsample2D
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,12 +332,12 @@ def _resident_bytes() -> int:
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt and mallinfo2 are glibc's (CI runs Linux with glibc)")
 def test_reuse_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in kernels._ALLOCATOR_ENV:
+    for name in train_cpu._ALLOCATOR_ENV:
         monkeypatch.delenv(name, raising=False)
     # glibc's behaviour outside: a block larger than all free heap gets its own mapping (unmapped on free)
     size = _beyond_free_heap()
     assert _mapped_while_held(size) >= size
-    with kernels.reuse_freed_memory(torch.device("cpu")) as kept:
+    with train_cpu.reuse_freed_memory(torch.device("cpu")) as kept:
         assert kept
         assert _mapped_while_held() < BLOCK  # from the heap
         block = torch.ones(BLOCK // 4)  # its pages touched, so resident
@@ -358,23 +359,23 @@ def test_reuse_freed_memory_serves_large_blocks_from_the_heap_and_keeps_them(mon
 
 
 def test_reuse_freed_memory_only_for_cpu_training_with_the_door_open(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in kernels._ALLOCATOR_ENV:
+    for name in train_cpu._ALLOCATOR_ENV:
         monkeypatch.delenv(name, raising=False)
     cpu = torch.device("cpu")
-    with kernels.reuse_freed_memory(torch.device("cuda", 0)) as kept:
+    with train_cpu.reuse_freed_memory(torch.device("cuda", 0)) as kept:
         assert not kept
-    with kernels.enabled(False), kernels.reuse_freed_memory(cpu) as kept:
+    with kernels.enabled(False), train_cpu.reuse_freed_memory(cpu) as kept:
         assert not kept
-    assert kernels.training_on_cpu(cpu) and not kernels.training_on_cpu(torch.device("cuda"))
+    assert train_cpu.training_on_cpu(cpu) and not train_cpu.training_on_cpu(torch.device("cuda"))
     with kernels.enabled(False):
-        assert not kernels.training_on_cpu(cpu)
+        assert not train_cpu.training_on_cpu(cpu)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own allocator settings win
-    with kernels.reuse_freed_memory(cpu) as kept:
+    with train_cpu.reuse_freed_memory(cpu) as kept:
         assert not kept
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    with kernels.reuse_freed_memory(cpu) as outer:
+    with train_cpu.reuse_freed_memory(cpu) as outer:
         assert outer == GLIBC
-        with kernels.reuse_freed_memory(cpu) as inner:  # nested: the outermost block owns the setting
+        with train_cpu.reuse_freed_memory(cpu) as inner:  # nested: the outermost block owns the setting
             assert not inner
         if GLIBC:
             assert _mapped_while_held() < BLOCK  # the inner block's exit did not restore the defaults

@@ -177,11 +177,12 @@ def test_resume_latest_is_bitwise_equal_to_a_straight_run(files, tmp_path):
 def test_cpu_training_uses_fused_adamw_and_keeps_freed_memory_unless_the_kernels_are_off(files, tmp_path,
                                                                                         monkeypatch):
     """On CPU with the kernels on, the trainer steps with torch's fused AdamW (recorded in the checkpoint's
-    optimiser groups) and trains inside kernels.reuse_freed_memory; DDPM_CPU_KERNELS=0 (enabled(False)) turns
-    both off. The weights agree with an unfused AdamW run to float32 rounding."""
+    optimiser groups) and trains inside ddpm.training.cpu.reuse_freed_memory; DDPM_CPU_KERNELS=0 (enabled(False))
+    turns both off. The weights agree with an unfused AdamW run to float32 rounding."""
     from ddpm import kernels
+    from ddpm.training import cpu as train_cpu
 
-    seen, real = [], kernels.reuse_freed_memory
+    seen, real = [], train_cpu.reuse_freed_memory
 
     @contextlib.contextmanager
     def spy(device):
@@ -189,12 +190,12 @@ def test_cpu_training_uses_fused_adamw_and_keeps_freed_memory_unless_the_kernels
             seen.append((device.type, kept))
             yield kept
 
-    monkeypatch.setattr(kernels, "reuse_freed_memory", spy)
+    monkeypatch.setattr(train_cpu, "reuse_freed_memory", spy)
     train(tiny_config(files, tmp_path / "on", max_train_steps=3, checkpointing_steps=3))
     with kernels.enabled(False):
         train(tiny_config(files, tmp_path / "off", max_train_steps=3, checkpointing_steps=3))
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-    assert seen == [("cpu", glibc and not any(v in os.environ for v in kernels._ALLOCATOR_ENV)), ("cpu", False)]
+    assert seen == [("cpu", glibc and not any(v in os.environ for v in train_cpu._ALLOCATOR_ENV)), ("cpu", False)]
     groups = {run: json.loads((tmp_path / run / "checkpoint-3" / "trainer_state.json").read_text())
               ["optimizer_param_groups"] for run in ("on", "off")}
     assert [g["fused"] for g in groups["on"]] == [True] and [g["fused"] for g in groups["off"]] == [None]

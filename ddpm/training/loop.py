@@ -39,12 +39,12 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm import data, kernels
+from ddpm import data
 from ddpm.config import config_to_dict
 from ddpm.ema import EMA
 from ddpm.pipeline import Pipeline
 from ddpm.schedulers import DDPMScheduler
-from ddpm.training import checkpoints, outputs
+from ddpm.training import checkpoints, cpu, outputs
 from ddpm.training import resume as resume_module
 from ddpm.training.args import GPU_HINT, TrainConfig, config_for_logging
 from ddpm.training.checkpoints import TrainerState, TrainingObjects
@@ -172,7 +172,7 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
     # (on CPU the fused kernel; a checkpoint's own choice wins on resume, so a resumed run steps as it began)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-                                  fused=True if kernels.training_on_cpu(accelerator.device) else None)
+                                  fused=True if cpu.training_on_cpu(accelerator.device) else None)
     preprocess = data.Preprocess(config.resolution, config.center_crop, config.random_flip,
                                  channels=model.config.in_channels,
                                  preserve_input_precision=config.preserve_input_precision)
@@ -250,7 +250,7 @@ def _run(config: TrainConfig, accelerator: Accelerator, stop: StopRequest, unet_
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)  # for the loss weights, moved once
     start = time.monotonic()
     with tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-              desc="steps", dynamic_ncols=True) as progress, kernels.reuse_freed_memory(accelerator.device):
+              desc="steps", dynamic_ncols=True) as progress, cpu.reuse_freed_memory(accelerator.device):
         epoch, first_batch = first_epoch, True
         for epoch in range(first_epoch, num_epochs):
             model.train()
