@@ -442,11 +442,10 @@ def attention(qkv: Tensor, heads: int) -> Tensor:
     ``heads`` heads of ``I / heads``), scale ``(I / heads) ** -0.5``, as ``[N, I, H, W]``. Heads narrower than 64
     (diffusers' default is 8) run ``_NarrowHeads`` in float32; wider ones ``F.scaled_dot_product_attention`` in
     ``compute_dtype`` (CPU's flash kernel, which keeps float32 accumulators for bf16)."""
-    height = qkv.shape[2]
     if qkv.shape[1] // (3 * heads) < 64:
         return cast(Tensor, _NarrowHeads.apply(qkv, heads)).to(compute_dtype(qkv))
     q, k, v = (rearrange(t, "b (n d) x y -> b n (x y) d", n=heads) for t in qkv.chunk(3, dim=1))
-    return rearrange(F.scaled_dot_product_attention(q, k, v), "b n (x y) d -> b (n d) x y", x=height)
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b n (x y) d -> b (n d) x y", x=qkv.shape[2])
 
 
 # CPU's flash-attention kernel multiplies each head's tiny matrices one block at a time; for narrow heads it is
@@ -488,17 +487,14 @@ class _NarrowHeads(torch.autograd.Function):
         scale = q.shape[-1] ** -0.5
         grad_t = grad.float().contiguous().view(k_t.shape)  # dout^T, (N h, d, L)
         grad_q_t, grad_k_t, grad_v_t = (torch.empty_like(k_t) for _ in range(3))
-        none = q.new_empty(())  # baddbmm's input, unread with beta = 0
         scores, probs, grad_probs = _chunk_buffers(q, 3)
         for rows, s, p, grad_p in _head_chunks(q, scores, probs, grad_probs):
             _softmax_rows(q[rows], k_t[rows], s, p)
             torch.bmm(grad_t[rows], p, out=grad_v_t[rows])  # dv^T = dout^T P
             torch.bmm(grad_t[rows].transpose(1, 2), v_t[rows], out=grad_p)  # dP = dout v^T
             grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype, grad_input=s)  # dS, over S
-            torch.baddbmm(none, k_t[rows], grad_s.transpose(1, 2), beta=0.0, alpha=scale,
-                          out=grad_q_t[rows])  # dq^T = scale k^T dS^T
-            torch.baddbmm(none, q[rows].transpose(1, 2), grad_s, beta=0.0, alpha=scale,
-                          out=grad_k_t[rows])  # dk^T = scale q^T dS
+            _scaled_product(k_t[rows], grad_s.transpose(1, 2), scale, grad_q_t[rows])  # dq^T = scale k^T dS^T
+            _scaled_product(q[rows].transpose(1, 2), grad_s, scale, grad_k_t[rows])  # dk^T = scale q^T dS
         heads = q.shape[0] // n
         grad_qkv = torch.empty(n, height, width, 3, heads, q.shape[-1], dtype=ctx.dtype)  # channels_last qkv
         for i, g in enumerate((grad_q_t, grad_k_t, grad_v_t)):
@@ -520,7 +516,12 @@ def _head_chunks(q: Tensor, *buffers: Tensor) -> Iterator[tuple[Any, ...]]:
         yield (rows, *(b[: rows.stop - start] for b in buffers))
 
 
+def _scaled_product(a: Tensor, b: Tensor, scale: float, out: Tensor) -> None:
+    # out = scale a b, batched (baddbmm with beta = 0 never reads its input: out stands in for it)
+    torch.baddbmm(out, a, b, beta=0.0, alpha=scale, out=out)
+
+
 def _softmax_rows(q: Tensor, k_t: Tensor, scores: Tensor, probs: Tensor) -> None:
     # probs = softmax(scale q k^T) by rows, the scores written to scores first
-    torch.baddbmm(scores, q, k_t, beta=0.0, alpha=q.shape[-1] ** -0.5, out=scores)
+    _scaled_product(q, k_t, q.shape[-1] ** -0.5, scores)
     torch._softmax(scores, -1, False, out=probs)
