@@ -9,7 +9,7 @@ Dtype policy: parameters float32; timestep embeddings, GroupNorm and the attenti
 else in the autocast dtype when autocast is on.
 
 Speed: ``Conv2d``, ``GroupNorm``, ``Upsample2D``, ``ResnetBlock2D`` and ``Attention`` each have one
-``if kernels.applies(...):`` that hands the same computation to a faster CPU kernel (``kernels.py``, the one door);
+``if kernels.applies(...):`` that hands the same computation to a faster CPU kernel (``ddpm/kernels/``, the one door);
 below it is the plain PyTorch that runs everywhere else (CUDA, ``torch.compile``, ``DDPM_CPU_KERNELS=0``) and that
 the parity tests also run against diffusers.
 """

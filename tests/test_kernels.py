@@ -1,4 +1,4 @@
-"""The CPU kernels behind ddpm/kernels.py's door: where the door opens, and gradients of the hand-written backward
+"""The CPU kernels behind ddpm/kernels/' door: where the door opens, and gradients of the hand-written backward
 passes against independent references (diffusers' layers, or plain PyTorch ops with the door shut).
 
 The UNet-level parity suite (test_unet_parity.py) runs every config with the door open and shut; these tests reach
@@ -22,6 +22,7 @@ from diffusers.models.resnet import ResnetBlock2D as DiffusersResnetBlock2D
 from diffusers.models.upsampling import Upsample2D as DiffusersUpsample2D
 
 from ddpm import kernels
+from ddpm.kernels import convolution, door, narrow_heads
 from ddpm.layers import Attention, GroupNorm, ResnetBlock2D, Upsample2D
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def test_door_opens_for_cpu_float32_and_bf16_only() -> None:
     assert kernels.applies(x)
     assert not kernels.applies(x.double())  # a dtype oneDNN does not run
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.applies(x) == kernels._BF16  # only where the CPU supports bf16
+        assert kernels.applies(x) == door._BF16  # only where the CPU supports bf16
     with kernels.enabled(False):
         assert not kernels.applies(x)
         with kernels.enabled(True):
@@ -56,7 +57,7 @@ def test_door_opens_for_cpu_float32_and_bf16_only() -> None:
 
 
 def test_door_shut_for_a_cpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_BF16", False)
+    monkeypatch.setattr(door, "_BF16", False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.applies(torch.randn(1, 4, 4, 4))
     assert kernels.applies(torch.randn(1, 4, 4, 4))
@@ -114,8 +115,8 @@ def test_upsample_phase_split_matches_diffusers_with_gradients(shape: tuple[int,
     ours.load_state_dict(ref.state_dict())
     ours.to(memory_format=torch.channels_last)
     phase_calls = []
-    real = kernels._phase_weights
-    monkeypatch.setattr(kernels, "_phase_weights", lambda *a: phase_calls.append(1) or real(*a))
+    real = convolution._phase_weights
+    monkeypatch.setattr(convolution, "_phase_weights", lambda *a: phase_calls.append(1) or real(*a))
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=g)
@@ -126,7 +127,7 @@ def test_upsample_phase_split_matches_diffusers_with_gradients(shape: tuple[int,
         out = model(xx)
         (out * weight).sum().backward()
         results.append((out, xx.grad, model.conv.weight.grad, model.conv.bias.grad))
-    assert phase_calls == ([1] if n * height * width >= 2 * kernels._FEW_PIXELS else [])
+    assert phase_calls == ([1] if n * height * width >= 2 * convolution._FEW_PIXELS else [])
     for got, expected in zip(results[1], results[0]):
         assert got.shape == expected.shape
         assert rel_err(got, expected) <= 1e-5
@@ -145,7 +146,7 @@ def test_narrow_head_attention_matches_diffusers_with_gradients(shape: tuple[int
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     n, c, height, width = shape
     if chunk is not None:
-        monkeypatch.setattr(kernels, "_SCORES_PER_CHUNK", chunk)
+        monkeypatch.setattr(narrow_heads, "_SCORES_PER_CHUNK", chunk)
     torch.manual_seed(0)
     ref = perturbed(DiffusersAttention(c, heads=c // dim_head, dim_head=dim_head, norm_num_groups=4, eps=1e-6,
                                        residual_connection=True, bias=True, upcast_softmax=True,
@@ -153,8 +154,8 @@ def test_narrow_head_attention_matches_diffusers_with_gradients(shape: tuple[int
     ours = Attention(c, heads=c // dim_head, dim_head=dim_head, norm_num_groups=4)
     ours.load_state_dict(ref.state_dict())
     narrow = []
-    real = kernels._NarrowHeads.apply
-    monkeypatch.setattr(kernels._NarrowHeads, "apply", lambda *a: narrow.append(1) or real(*a))
+    real = narrow_heads._NarrowHeads.apply
+    monkeypatch.setattr(narrow_heads._NarrowHeads, "apply", lambda *a: narrow.append(1) or real(*a))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=g) * 3  # sharper softmax rows
     weight = torch.randn(shape, generator=g)
@@ -197,7 +198,7 @@ def test_group_norm_backward_under_bf16_matches_float32_ops() -> None:
     x = (torch.randn(4, 16, 8, 8, generator=g) * 3 + 1).to(torch.bfloat16).to(memory_format=torch.channels_last)
     # an upstream gradient correlated with the output, so that every term of the backward pass matters
     weight = (x.float() + torch.randn(4, 16, 8, 8, generator=g)).to(torch.bfloat16)
-    assert kernels.applies(x) == kernels._BF16
+    assert kernels.applies(x) == door._BF16
 
     xx = x.clone().requires_grad_()
     out = norm(xx)

@@ -118,7 +118,7 @@ def make_inputs(cfg: dict[str, Any], seed: int) -> tuple[torch.Tensor, list[Any]
 
 @pytest.fixture(params=["cpu-kernels", "plain"])
 def kernels_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every parity case twice: with the CPU kernels behind ddpm/kernels.py's door, and with the plain PyTorch
+    """Every parity case twice: with the CPU kernels behind ddpm/kernels/' door, and with the plain PyTorch
     layers that CUDA and torch.compile run (the door shut for the test, as DDPM_CPU_KERNELS=0 shuts it)."""
     with kernels.enabled(request.param == "cpu-kernels"):
         yield request.param
@@ -150,7 +150,7 @@ def test_matches_diffusers_both_directions(name: str, kernels_mode: str, tmp_pat
         assert got.shape == expected.shape
         assert rel_err(got, expected) <= REL_TOL, (name, t)
 
-    # Batch 1 inside frozen_weights(): convolutions on prepacked weights (ddpm/kernels.py), same reference.
+    # Batch 1 inside frozen_weights(): convolutions on prepacked weights (ddpm/kernels/), same reference.
     t1, labels1 = timesteps[-1][:1], labels[:1] if labels is not None else None
     with torch.no_grad():
         expected = ref(sample[:1], t1, class_labels=labels1).sample
