@@ -6,13 +6,13 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.harness import DDPM, Row, Side, autocast, summary, synchronizer, time_interleaved
+from benchmarks.harness import DDPM, DIFFUSERS, Row, Side, autocast, summary, synchronizer, time_interleaved
 from benchmarks.plan import GOAL, Plan
 
 # ---- the cases ---------------------------------------------------------------------------------------------
@@ -41,14 +41,49 @@ class ReferenceEMA:
                 s.lerp_(p, 1 - 0.9999)
 
 
-def make_train_step(model: nn.Module, scheduler: Any, clean: torch.Tensor, precision: str, seed: int = 0
-                    ) -> Callable[[], None]:
+class TrainerParts(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    ema: Any  # diffusers' EMAModel, ddpm.ema.EMA or ReferenceEMA
+    update_ema: Callable[[], object]
+
+
+def trainer_parts(model: nn.Module, library: str | None, device: torch.device) -> TrainerParts:
+    """The optimiser and the EMA of a training step. ``library=None``: the same code on both sides (torch's default
+    AdamW, ``ReferenceEMA``), so the step compares the UNets and schedulers. ``"diffusers"``: as
+    train_unconditional.py makes them (default AdamW, ``EMAModel`` with warmup); ``"ddpm"``: as ``ddpm.train``
+    does (fused AdamW on a CPU, ``ddpm.ema.EMA``). Not included: the allocator settings ddpm.train makes for a CPU
+    process (process-wide, so they cannot be interleaved)."""
+    fused = None
+    if library == DDPM:
+        from ddpm.training.cpu import training_on_cpu
+
+        fused = True if training_on_cpu(device) else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8,
+                                  fused=fused)
+    if library == DIFFUSERS:
+        import diffusers
+        from diffusers.training_utils import EMAModel
+
+        unet: Any = model  # a UNet2DModel
+        ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
+                       model_cls=diffusers.UNet2DModel, model_config=unet.config)
+        return TrainerParts(optimizer, ema, lambda: ema.step(model.parameters()))
+    if library == DDPM:
+        from ddpm.ema import EMA
+
+        own = EMA(model)
+        return TrainerParts(optimizer, own, lambda: own.step(model))
+    reference = ReferenceEMA(model)
+    return TrainerParts(optimizer, reference, reference.step)
+
+
+def make_train_step(model: nn.Module, scheduler: Any, clean: torch.Tensor, precision: str, seed: int = 0,
+                    trainer: str | None = None) -> Callable[[], None]:
     """One step of train_unconditional.py: noise, add_noise, predict, MSE loss in fp32, backward, clip the
-    gradient norm to 1, AdamW, zero_grad, EMA update."""
+    gradient norm to 1, AdamW, zero_grad, EMA update; optimiser and EMA from ``trainer_parts(model, trainer)``."""
     device = clean.device
     ctx = autocast(device, precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    ema = ReferenceEMA(model)
+    optimizer, _, update_ema = trainer_parts(model, trainer, device)
     generator = torch.Generator(device).manual_seed(seed)
     model.train()
 
@@ -63,7 +98,7 @@ def make_train_step(model: nn.Module, scheduler: Any, clean: torch.Tensor, preci
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step()
+        update_ema()
 
     return step
 
@@ -122,6 +157,14 @@ def unet_rows(name: str, models: dict[str, nn.Module], sides: list[Side], plan: 
     times = time_interleaved(steps, plan.repeats, plan.warmup, sync)
     rows.append(Row(f"{name} train step b{plan.train_batch}", precision, times,
                     flops_per_image["backward"] * plan.train_batch, GOAL,
+                    {"images/s": {s: plan.train_batch / statistics.median(v) for s, v in times.items()}}))
+    log(summary(rows[-1], sides))
+    # The same step with each library's own optimiser and EMA, as its trainer makes them (trainer_parts).
+    steps = {s.name: make_train_step(copy.deepcopy(models[s.name]), s.scheduler("ddpm"), clean, precision,
+                                     trainer=s.library) for s in sides}
+    times = time_interleaved(steps, plan.repeats, plan.warmup, sync)
+    rows.append(Row(f"{name} train step b{plan.train_batch}, optimiser and EMA as each trainer makes them", precision,
+                    times, flops_per_image["backward"] * plan.train_batch, GOAL,
                     {"images/s": {s: plan.train_batch / statistics.median(v) for s, v in times.items()}}))
     log(summary(rows[-1], sides))
     return rows

@@ -43,7 +43,8 @@ def test_report_has_every_case_with_finite_positive_times(report):
     expected = {(f"tiny {case}", "fp32")
                 for case in ("forward b1", "forward b1, ddpm in frozen_weights()", "forward b2",
                              "forward b2, ddpm in frozen_weights()", "forward+backward b2",
-                             "train step b2", "sampling DDIM 3 steps b2", "sampling DDPM 4 steps b2")}
+                             "train step b2", "train step b2, optimiser and EMA as each trainer makes them",
+                             "sampling DDIM 3 steps b2", "sampling DDPM 4 steps b2")}
     expected.add(("scheduler loop DDPM 20 steps b2", "fp32"))
     assert {(r.case, r.precision) for r in report.rows} == expected
     for row in report.rows:
@@ -148,9 +149,37 @@ def test_grayscale_config_with_its_own_batches_and_compiled_rows(sides, tmp_path
                                  workdir=tmp_path)
     cases = [r.case for r in report.rows]
     assert cases == ["gray forward b3", "gray forward b3, ddpm in frozen_weights()", "gray forward+backward b3",
-                     "gray train step b3", "gray torch.compile forward b3", "gray torch.compile forward+backward b3"]
+                     "gray train step b3", "gray train step b3, optimiser and EMA as each trainer makes them",
+                     "gray torch.compile forward b3", "gray torch.compile forward+backward b3"]
     for row in report.rows:
         assert all(positive(t) for times in row.times.values() for t in times), row
     for row in report.rows[-2:]:
         assert set(row.extra["compile s"]) == {"diffusers", "ddpm"}
     assert bench.CONFIGS["unet-small"]["in_channels"] == 1 and bench.CONFIG_BATCHES["unet-small"]["train_batch"] == 64
+
+
+def test_trainer_parts_are_each_trainers_own():
+    # The "as each trainer makes them" row: diffusers' script steps torch's default AdamW and EMAModel (warmup);
+    # ddpm.train on a CPU the fused AdamW and ddpm.ema.EMA; the plain row the same code on both sides.
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    from benchmarks.unet_cases import ReferenceEMA, trainer_parts
+    from ddpm.ema import EMA
+
+    model = UNet2DModel(**TINY)
+    parts = {library: trainer_parts(model, library, torch.device("cpu")) for library in ("diffusers", "ddpm", None)}
+    assert parts["ddpm"].optimizer.defaults["fused"] is True
+    assert not parts["diffusers"].optimizer.defaults["fused"] and not parts[None].optimizer.defaults["fused"]
+    assert isinstance(parts["diffusers"].ema, EMAModel) and isinstance(parts["ddpm"].ema, EMA)
+    assert isinstance(parts[None].ema, ReferenceEMA)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for library in ("diffusers", "ddpm"):
+        parts[library].update_ema()  # each library's first update copies the weights (decay 0 at step 1)
+    live = [p.detach() for p in model.parameters()]
+    assert parts["diffusers"].ema.optimization_step == 1
+    assert len(parts["diffusers"].ema.shadow_params) == len(parts["ddpm"].ema.shadow) == len(live) > 0
+    assert all(torch.equal(s, p) for s, p in zip(parts["diffusers"].ema.shadow_params, live))
+    assert all(torch.equal(s, p) for s, p in zip(parts["ddpm"].ema.shadow.values(), live))
