@@ -152,21 +152,16 @@ def unet_rows(name: str, models: dict[str, nn.Module], sides: list[Side], plan: 
     log(summary(rows[-1], sides))
 
     clean = inputs(plan.train_batch)[0].clamp(-1, 1)
-    steps = {s.name: make_train_step(copy.deepcopy(models[s.name]), s.scheduler("ddpm"), clean, precision)
-             for s in sides}
-    times = time_interleaved(steps, plan.repeats, plan.warmup, sync)
-    rows.append(Row(f"{name} train step b{plan.train_batch}", precision, times,
-                    flops_per_image["backward"] * plan.train_batch, GOAL,
-                    {"images/s": {s: plan.train_batch / statistics.median(v) for s, v in times.items()}}))
-    log(summary(rows[-1], sides))
-    # The same step with each library's own optimiser and EMA, as its trainer makes them (trainer_parts).
-    steps = {s.name: make_train_step(copy.deepcopy(models[s.name]), s.scheduler("ddpm"), clean, precision,
-                                     trainer=s.library) for s in sides}
-    times = time_interleaved(steps, plan.repeats, plan.warmup, sync)
-    rows.append(Row(f"{name} train step b{plan.train_batch}, optimiser and EMA as each trainer makes them", precision,
-                    times, flops_per_image["backward"] * plan.train_batch, GOAL,
-                    {"images/s": {s: plan.train_batch / statistics.median(v) for s, v in times.items()}}))
-    log(summary(rows[-1], sides))
+    # The training step twice: the same optimiser and EMA code on both sides (the UNets and schedulers compared),
+    # then each library's own, as its trainer makes them (trainer_parts).
+    for suffix, own in (("", False), (", optimiser and EMA as each trainer makes them", True)):
+        steps = {s.name: make_train_step(copy.deepcopy(models[s.name]), s.scheduler("ddpm"), clean, precision,
+                                         trainer=s.library if own else None) for s in sides}
+        times = time_interleaved(steps, plan.repeats, plan.warmup, sync)
+        rows.append(Row(f"{name} train step b{plan.train_batch}{suffix}", precision, times,
+                        flops_per_image["backward"] * plan.train_batch, GOAL,
+                        {"images/s": {s: plan.train_batch / statistics.median(v) for s, v in times.items()}}))
+        log(summary(rows[-1], sides))
     return rows
 
 
