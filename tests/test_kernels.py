@@ -153,9 +153,17 @@ def test_narrow_head_attention_matches_diffusers_with_gradients(shape: tuple[int
                                        rescale_output_factor=1.0, _from_deprecated_attn_block=True), seed=1)
     ours = Attention(c, heads=c // dim_head, dim_head=dim_head, norm_num_groups=4)
     ours.load_state_dict(ref.state_dict())
-    narrow = []
+    narrow, chunk_heads = [], []
     real = narrow_heads._NarrowHeads.apply
     monkeypatch.setattr(narrow_heads._NarrowHeads, "apply", lambda *a: narrow.append(1) or real(*a))
+    real_buffers = narrow_heads._chunk_buffers
+
+    def recorded_buffers(q: torch.Tensor, count: int) -> list[torch.Tensor]:  # heads per chunk, forward and backward
+        buffers = real_buffers(q, count)
+        chunk_heads.append(len(buffers[0]))
+        return buffers
+
+    monkeypatch.setattr(narrow_heads, "_chunk_buffers", recorded_buffers)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=g) * 3  # sharper softmax rows
     weight = torch.randn(shape, generator=g)
@@ -166,6 +174,9 @@ def test_narrow_head_attention_matches_diffusers_with_gradients(shape: tuple[int
         (out * weight).sum().backward()
         results.append({"out": out, "x": xx.grad} | {name: p.grad for name, p in model.named_parameters()})
     assert narrow == ([1] if kernels.applies(x) else [])
+    if narrow:  # chunks of the size set above: all heads at once, or the chunk's scores' worth of heads
+        heads = n * (c // dim_head)
+        assert chunk_heads == [heads if chunk is None else min(heads, max(1, chunk // (height * width) ** 2))] * 2
     assert results[0].keys() == results[1].keys()
     largest = max(t.abs().max().item() for t in results[0].values())
     for name, expected in results[0].items():
