@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from benchmarks.harness import DDPM, DIFFUSERS, Row, Side, autocast, summary, synchronizer, time_interleaved
 from benchmarks.plan import GOAL, Plan
@@ -170,11 +171,16 @@ def compile_rows(name: str, models: dict[str, nn.Module], sides: list[Side], pla
                  log: Callable[[str], None]) -> list[Row]:
     """``torch.compile`` (inductor, default mode) of each UNet: compiled ddpm against compiled diffusers, forward at
     the largest forward batch and forward+backward at the backward batch. The compile times (first call) go in
-    the row's extra column. Under compile ddpm runs its plain layers (the CPU kernels' door is shut)."""
+    the row's extra column. Under compile ddpm runs its plain layers (the CPU kernels' door is shut).
+
+    Dynamo's cache lives on the code object, so every UNet of a class shares it: after 8 entries (configs x
+    precisions x grad modes) it runs that code eagerly, silently. The cache is emptied first, and a first call
+    that compiles no graph is an error, not a row."""
     sync, ctx = synchronizer(device), autocast(device, precision)
     rows = []
     batch = max(plan.forward_batches)
     x, t, _ = inputs(batch)
+    torch._dynamo.reset()
     compiled = {s.name: torch.compile(models[s.name], backend=plan.compile_backend) for s in sides}
 
     def forward(model: Callable[..., Any]) -> Callable[[], None]:
@@ -186,10 +192,13 @@ def compile_rows(name: str, models: dict[str, nn.Module], sides: list[Side], pla
     def first_calls(fns: dict[str, Callable[[], None]]) -> dict[str, float]:
         seconds = {}
         for key, fn in fns.items():
+            graphs = counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             fn()
             sync()
             seconds[key] = time.perf_counter() - start
+            if counters["stats"]["unique_graphs"] == graphs:
+                raise RuntimeError(f"{name} {precision}: torch.compile made no graph for the {key} UNet (it ran eagerly)")
         return seconds
 
     fns = {k: forward(m) for k, m in compiled.items()}

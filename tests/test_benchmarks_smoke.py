@@ -158,6 +158,31 @@ def test_grayscale_config_with_its_own_batches_and_compiled_rows(sides, tmp_path
     assert bench.CONFIGS["unet-small"]["in_channels"] == 1 and bench.CONFIG_BATCHES["unet-small"]["train_batch"] == 64
 
 
+def test_compiled_rows_compile_each_time_or_fail(sides, tmp_path, monkeypatch):
+    # Dynamo's cache is per code object, shared by every UNet of a class: without emptying it, a second config or
+    # precision finds its guards passing (or the recompile limit hit) and runs the UNet eagerly under a
+    # "torch.compile" label. compile_rows empties it first, and a first call that makes no graph is an error.
+    from benchmarks.harness import build_models
+    from benchmarks.unet_cases import compile_rows
+
+    models, _ = build_models(TINY, sides, tmp_path)
+    plan = bench.Plan(configs=("tiny",), precisions=("fp32",), forward_batches=(2,), backward_batch=2, repeats=1,
+                      compile=True, compile_backend="eager")  # dynamo alone: its graphs are what is counted
+
+    def inputs(batch):
+        return torch.randn(batch, 3, 8, 8), torch.randint(0, 1000, (batch,)), torch.randn(batch, 3, 8, 8)
+
+    def rows():
+        return compile_rows("tiny", models, sides, plan, torch.device("cpu"), "fp32", {"forward": 1, "backward": 3},
+                            inputs, lambda _: None)
+
+    for _ in range(2):  # the second time compiles again
+        assert [r.case for r in rows()] == ["tiny torch.compile forward b2", "tiny torch.compile forward+backward b2"]
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    with pytest.raises(RuntimeError, match="made no graph for the diffusers UNet"):
+        rows()
+
+
 def test_trainer_parts_are_each_trainers_own():
     # The "as each trainer makes them" row: diffusers' script steps torch's default AdamW and EMAModel (warmup);
     # ddpm.train on a CPU the fused AdamW and ddpm.ema.EMA; the plain row the same code on both sides.
