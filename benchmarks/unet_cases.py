@@ -198,7 +198,8 @@ def compile_rows(name: str, models: dict[str, nn.Module], sides: list[Side], pla
             sync()
             seconds[key] = time.perf_counter() - start
             if counters["stats"]["unique_graphs"] == graphs:
-                raise RuntimeError(f"{name} {precision}: torch.compile made no graph for the {key} UNet (it ran eagerly)")
+                raise RuntimeError(f"{name} {precision}: torch.compile made no graph for the {key} UNet "
+                                   "(it ran eagerly)")
         return seconds
 
     fns = {k: forward(m) for k, m in compiled.items()}
